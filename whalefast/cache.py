@@ -1,0 +1,86 @@
+"""Decode and resize every image once into a memory-mapped uint8 array that the DataLoaders read."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from whalefast.io import atomic_path, load_square, write_csv
+
+
+class CachedImages:
+    """Read-only view of a decoded-image cache: `images[name]` or `images.row(i)` gives (size, size, 3) uint8."""
+
+    def __init__(self, data_path: str | os.PathLike, names: list[str], size: int):
+        self.data_path, self.size = str(data_path), size
+        self.names = list(names)
+        self.index = {n: i for i, n in enumerate(self.names)}
+        self._array = None
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None:  # opened lazily, so DataLoader workers map the file instead of copying it
+            self._array = np.memmap(self.data_path, dtype=np.uint8, mode="r", shape=(len(self.names), self.size, self.size, 3))
+        return self._array
+
+    def __getstate__(self):
+        return {**self.__dict__, "_array": None}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.array[self.index[name]]
+
+    def row(self, i: int) -> np.ndarray:
+        return self.array[i]
+
+
+def _decode_chunk(args: tuple[list[str], int]) -> np.ndarray:
+    paths, size = args
+    return np.stack([load_square(p, size) for p in paths]) if paths else np.zeros((0, size, size, 3), np.uint8)
+
+
+def build_cache(
+    folder: str | os.PathLike, names: list[str], cache_dir: str | os.PathLike, size: int, workers: int | None = None, progress=None
+) -> CachedImages:
+    """Cache `names` from `folder` at `size`; files whose size and mtime are unchanged are not decoded again."""
+    folder, cache_dir = Path(folder), Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    stem = cache_dir / f"{folder.name}-{size}"
+    data_path, index_path = stem.with_suffix(".u8"), stem.with_suffix(".csv")
+    stats = {n: os.stat(folder / n) for n in names}
+    key = {n: (st.st_size, st.st_mtime_ns) for n, st in stats.items()}
+
+    old = pd.read_csv(index_path) if index_path.exists() and data_path.exists() else pd.DataFrame(columns=["Image", "bytes", "mtime_ns"])
+    old_rows = {r.Image: i for i, r in enumerate(old.itertuples(index=False)) if key.get(r.Image) == (int(r.bytes), int(r.mtime_ns))}
+    if len(old) and all(n in old_rows for n in names) and list(old.Image) == list(names):
+        return CachedImages(data_path, names, size)
+
+    todo = [n for n in names if n not in old_rows]
+    old_array = np.memmap(data_path, dtype=np.uint8, mode="r", shape=(len(old), size, size, 3)) if len(old) else None
+    with atomic_path(data_path) as tmp:
+        out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(max(1, len(names)), size, size, 3))
+        for i, n in enumerate(names):
+            if n in old_rows:
+                out[i] = old_array[old_rows[n]]
+        position = {n: i for i, n in enumerate(names)}
+        workers = workers or os.cpu_count() or 1
+        step = max(1, min(64, len(todo) // (workers * 4) + 1))
+        chunks = [todo[i : i + step] for i in range(0, len(todo), step)]
+        if chunks:
+            with ProcessPoolExecutor(workers) as pool:
+                jobs = [([str(folder / n) for n in c], size) for c in chunks]
+                for chunk, arr in zip(chunks, pool.map(_decode_chunk, jobs)):
+                    out[[position[n] for n in chunk]] = arr
+                    if progress:
+                        progress(len(chunk))
+        out.flush()
+        del out
+        index_path.unlink(missing_ok=True)  # a stale index must never describe the new data
+    write_csv(pd.DataFrame({"Image": names, "bytes": [key[n][0] for n in names], "mtime_ns": [key[n][1] for n in names]}), index_path)
+    return CachedImages(data_path, names, size)
