@@ -1,0 +1,105 @@
+"""Inference from a saved run: rebuild the model from config.json, score images from the decoded-image cache."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from fastai.vision.core import imagenet_stats
+from torch import nn
+
+from whalefast.errors import WhalefastError
+from whalefast.train import FitConfig, load_config
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(run_dir: str | os.PathLike, device: torch.device | None = None) -> tuple[nn.Module, FitConfig, dict]:
+    """The trained network of a run (best weights, eval mode), its config and its calibration."""
+    from whalefast.methods import inference_model
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir)
+    weights = run_dir / "model.pth"
+    if not weights.is_file():
+        raise WhalefastError(f"{weights}: not found; did `whalefast fit --name {run_dir.name}` finish?")
+    model = inference_model(cfg)
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    calibration_path = run_dir / "calibration.json"
+    calibration = json.loads(calibration_path.read_text()) if calibration_path.exists() else {"threshold": None}
+    device = device or default_device()
+    return model.to(device).eval(), cfg, calibration
+
+
+def _normalise(batch: np.ndarray, device: torch.device) -> torch.Tensor:
+    x = torch.from_numpy(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2).float().div_(255)
+    mean = torch.tensor(imagenet_stats[0], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(imagenet_stats[1], device=device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def run_model(model: nn.Module, arrays, bs: int = 64, tta: bool = True, device: torch.device | None = None, progress=None) -> torch.Tensor:
+    """Model outputs for a sequence of (size, size, 3) uint8 arrays; with `tta`, averaged with the horizontal flip."""
+    device = device or next(model.parameters()).device
+    outputs = []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    for start in range(0, len(arrays), bs):
+        x = _normalise(np.stack([arrays[i] for i in range(start, min(start + bs, len(arrays)))]), device)
+        with autocast:
+            out = model(x).float()
+            if tta:
+                out = (out + model(x.flip(3)).float()) / 2
+        outputs.append(out)
+        if progress:
+            progress(len(x))
+    return torch.cat(outputs) if outputs else torch.zeros(0)
+
+
+def softmax_scores(logits: torch.Tensor) -> torch.Tensor:
+    return F.softmax(logits, dim=1)
+
+
+class Scorer:
+    """Scores photos against every known id with a trained run: softmax probabilities or nearest-catalogue cosine."""
+
+    def __init__(self, run_dir: str | os.PathLike, device: torch.device | None = None):
+        self.model, self.cfg, self.calibration = load_model(run_dir, device)
+        self.device = next(self.model.parameters()).device
+        self.threshold = self.calibration.get("threshold")
+        self.catalogue = None
+        if self.cfg.method == "arcface":
+            from whalefast.catalogue import load_catalogue
+
+            self.catalogue = load_catalogue(run_dir)
+        self.ids = list(self.catalogue["ids"] if self.catalogue else self.cfg.vocab)
+
+    def scores(self, arrays, tta: bool = True, progress=None) -> torch.Tensor:
+        """(N, number of ids) scores for (size, size, 3) uint8 arrays."""
+        outputs = run_model(self.model, arrays, bs=self.cfg.bs, tta=tta, device=self.device, progress=progress)
+        if self.catalogue is None:
+            return softmax_scores(outputs).cpu()
+        from whalefast.methods import cosine_id_scores
+
+        cat = self.catalogue
+        return cosine_id_scores(outputs, cat["embeddings"].to(self.device), cat["labels"].to(self.device), len(self.ids)).cpu()
+
+    def rank(self, scores: torch.Tensor, k: int = 5) -> list[list[tuple[str, float]]]:
+        """Per photo, the k best (id, score) with new_whale placed by the calibrated threshold."""
+        from whalefast import NEW_WHALE
+        from whalefast.metrics import NEW_WHALE_TARGET, rank_with_new_whale
+
+        threshold = None if NEW_WHALE in self.ids else self.threshold
+        ranked = rank_with_new_whale(scores, threshold, k)
+        out = []
+        for row, idx in zip(scores, ranked.tolist()):
+            out.append(
+                [(NEW_WHALE, float(threshold)) if i == NEW_WHALE_TARGET else (self.ids[i], float(row[i])) for i in idx]
+            )
+        return out

@@ -1,0 +1,156 @@
+"""Training methods: a softmax classifier over ids, or ArcFace embeddings ranked by nearest catalogue photos."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from fastai.callback.core import Callback
+from fastai.layers import AdaptiveConcatPool2d, Flatten
+from fastai.metrics import Metric
+from torch import nn
+
+from whalefast import NEW_WHALE
+from whalefast.metrics import NEW_WHALE_TARGET, calibrate_threshold, map5, rank_with_new_whale, whale_metrics
+from whalefast.models import build_model, get_arch
+
+
+class EmbeddingHead(nn.Module):
+    """Pooling, batch-norm and a linear map to `embed_dim`; the ArcFace class centres live here too, so the optimiser trains them."""
+
+    def __init__(self, features: int, embed_dim: int, n_classes: int, margin: float, scale: float):
+        super().__init__()
+        from pytorch_metric_learning.losses import ArcFaceLoss
+
+        self.embed = nn.Sequential(
+            AdaptiveConcatPool2d(), Flatten(), nn.BatchNorm1d(2 * features), nn.Dropout(0.2), nn.Linear(2 * features, embed_dim), nn.BatchNorm1d(embed_dim)
+        )
+        # pytorch-metric-learning takes the margin in degrees.
+        self.arcface = ArcFaceLoss(num_classes=n_classes, embedding_size=embed_dim, margin=float(torch.rad2deg(torch.tensor(margin))), scale=scale)
+
+    def forward(self, x):
+        return F.normalize(self.embed(x).float(), dim=1)
+
+
+class ArcFaceCriterion(nn.Module):
+    """Additive angular margin loss over the catalogued ids; rows of unseen whales are left out."""
+
+    def __init__(self, head: EmbeddingHead):
+        super().__init__()
+        self.head = [head]  # a list, so the head's parameters are not registered twice
+
+    def forward(self, embeddings, target):
+        mask = target != NEW_WHALE_TARGET
+        if not bool(mask.any()):
+            return embeddings.sum() * 0.0
+        return self.head[0].arcface(embeddings[mask].float(), target[mask])
+
+
+def cosine_id_scores(queries: torch.Tensor, catalogue: torch.Tensor, labels: torch.Tensor, n_ids: int) -> torch.Tensor:
+    """Per id, the cosine similarity of each query to that id's nearest catalogue photo (-2 where an id has none)."""
+    sims = F.normalize(queries.float(), dim=1) @ F.normalize(catalogue.float(), dim=1).T
+    scores = torch.full((len(queries), n_ids), -2.0, device=sims.device)
+    return scores.scatter_reduce(1, labels.to(sims.device)[None].expand(len(queries), -1), sims, reduce="amax", include_self=True)
+
+
+class CatalogueEmbedder(Callback):
+    """Before each validation, embed the training photos (the catalogue) with the current weights."""
+
+    order = -10
+
+    def __init__(self, bs: int = 128):
+        self.bs, self.embeddings, self.labels = bs, None, None
+
+    def before_validate(self):
+        from whalefast.inference import run_model
+
+        items = self.dls.items
+        train = items[~items.is_valid]
+        encoder = {v: i for i, v in enumerate(self.dls.vocab)}
+        images = catalogue_images(self.dls)
+        was_training = self.model.training
+        self.model.eval()
+        self.embeddings = run_model(self.model, [images[n] for n in train.Image], bs=self.bs, tta=False, device=self.dls.device)
+        self.labels = torch.tensor([encoder[i] for i in train.Id], device=self.embeddings.device)
+        self.model.train(was_training)
+
+
+def catalogue_images(dls):
+    """The decoded-image cache behind a whalefast DataLoaders."""
+    from whalefast.data import CacheReader
+
+    for tfm in dls.train_ds.tls[0].tfms.fs:
+        if isinstance(tfm, CacheReader):
+            return tfm.images
+    raise RuntimeError("DataLoaders carry no image cache")
+
+
+class CatalogueMAP5(Metric):
+    """Validation MAP@5 (or top-1) ranking ids by nearest catalogue photo, new_whale by a calibrated similarity threshold."""
+
+    def __init__(self, embedder: CatalogueEmbedder, n_ids: int, top1: bool = False):
+        self.embedder, self.n_ids, self.top1 = embedder, n_ids, top1
+
+    def reset(self):
+        self.preds, self.targs = [], []
+
+    def accumulate(self, learn):
+        self.preds.append(learn.to_detach(learn.pred, cpu=False))
+        self.targs.append(learn.to_detach(learn.y, cpu=False))
+
+    @property
+    def value(self):
+        if not self.preds or self.embedder.embeddings is None:
+            return None
+        scores = cosine_id_scores(torch.cat(self.preds), self.embedder.embeddings, self.embedder.labels, self.n_ids)
+        targets = torch.cat(self.targs).to(scores.device)
+        threshold, score = calibrate_threshold(scores, targets)
+        if self.top1:
+            return float((rank_with_new_whale(scores, threshold)[:, 0] == targets).float().mean())
+        return score
+
+    @property
+    def name(self):
+        return "top1" if self.top1 else "map5"
+
+
+def method_parts(cfg, dls):
+    """(custom head or None, loss, metrics, extra callbacks) for cfg.method."""
+    if cfg.method == "softmax":
+        from whalefast.train import MaskedCrossEntropy
+
+        new_whale_class = dls.vocab.index(NEW_WHALE) if NEW_WHALE in dls.vocab else None
+        return None, MaskedCrossEntropy(), whale_metrics(new_whale_class), []
+    head = EmbeddingHead(get_arch(cfg.arch).features, cfg.embed_dim, len(dls.vocab), cfg.margin, cfg.scale)
+    embedder = CatalogueEmbedder(bs=cfg.bs)
+    metrics = [CatalogueMAP5(embedder, len(dls.vocab)), CatalogueMAP5(embedder, len(dls.vocab), top1=True)]
+    return head, ArcFaceCriterion(head), metrics, [embedder]
+
+
+def inference_model(cfg) -> nn.Module:
+    """The run's network, uninitialised, in the layout its checkpoint was saved from."""
+    head = None
+    if cfg.method == "arcface":
+        head = EmbeddingHead(get_arch(cfg.arch).features, cfg.embed_dim, len(cfg.vocab), cfg.margin, cfg.scale)
+    return build_model(cfg.arch, len(cfg.vocab), head=head)
+
+
+def validation_scores(cfg, learn):
+    """(id scores, targets, valid loss, arcface catalogue or None) on the validation set with the learner's current weights, ranked as submit ranks."""
+    from whalefast.inference import run_model
+
+    valid_loss = float(learn.validate()[0])
+    items = learn.dls.items
+    valid = items[items.is_valid]
+    encoder = {v: i for i, v in enumerate(cfg.vocab)}
+    new_whale_code = encoder.get(NEW_WHALE, NEW_WHALE_TARGET)
+    targets = torch.tensor([encoder.get(t, new_whale_code) for t in valid.target])
+    images = catalogue_images(learn.dls)
+    model = learn.model.eval()
+    outputs = run_model(model, [images[n] for n in valid.Image], bs=cfg.bs, tta=True, device=learn.dls.device)
+    if cfg.method == "softmax":
+        return F.softmax(outputs, dim=1).cpu(), targets, valid_loss, None
+    from whalefast.catalogue import build_catalogue
+
+    catalogue = build_catalogue(cfg, model, images, items[~items.is_valid], device=learn.dls.device)
+    scores = cosine_id_scores(outputs, catalogue["embeddings"].to(outputs.device), catalogue["labels"].to(outputs.device), len(cfg.vocab))
+    return scores.cpu(), targets, valid_loss, catalogue

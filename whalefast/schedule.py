@@ -1,0 +1,27 @@
+"""The reference's step learning-rate schedule as a fastai callback."""
+
+from __future__ import annotations
+
+from fastai.callback.core import Callback
+from fastcore.basics import store_attr
+
+
+class StepSchedule(Callback):
+    """Set lr = base_lr * gamma ** (milestones passed) at the start of every epoch (torch's MultiStepLR)."""
+
+    order = 5
+
+    def __init__(self, base_lr: float = 0.01, milestones: tuple[int, ...] = (16, 19), gamma: float = 0.1):
+        store_attr()
+        self.lrs: list[float] = []
+
+    def lr_at(self, epoch: int) -> float:
+        return self.base_lr * self.gamma ** sum(epoch >= m for m in self.milestones)
+
+    def before_fit(self):
+        self.lrs = []
+
+    def before_epoch(self):
+        lr = self.lr_at(self.epoch)
+        self.opt.set_hyper("lr", lr)
+        self.lrs.append(lr)

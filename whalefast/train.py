@@ -1,0 +1,378 @@
+"""The fit and lr-find stages: Learner assembly, callbacks, checkpoints, history, curves, calibration."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from fastai.callback.core import Callback
+from fastai.learner import Learner
+from fastai.optimizer import SGD
+from fastai.torch_core import rank_distrib, set_seed
+from torch import nn
+
+from whalefast.console import console
+from whalefast.data import whale_dataloaders
+from whalefast.errors import WhalefastError
+from whalefast.io import atomic_path, write_csv, write_text
+from whalefast.metrics import NEW_WHALE_TARGET, calibrate_threshold, map5, rank_with_new_whale, whale_metrics
+from whalefast.models import build_learner, get_arch
+from whalefast.schedule import StepSchedule
+
+
+@dataclass
+class FitConfig:
+    """Everything that defines a training run; saved as config.json beside its weights."""
+
+    data: str = "data"
+    prepared: str | None = None
+    arch: str = "resnet50"
+    method: str = "softmax"
+    epochs: int = 20
+    bs: int = 128
+    lr: float = 0.01
+    milestones: tuple[int, ...] = (16, 19)
+    gamma: float = 0.1
+    schedule: str = "step"
+    momentum: float = 0.9
+    wd: float = 1e-4
+    freeze_epochs: int = 0
+    size: int = 224
+    pretrained: bool = True
+    min_samples: int = 10
+    train_new_whale: bool = False
+    name: str = "resnet50"
+    models_dir: str = "models"
+    seed: int = 42
+    embed_dim: int = 512
+    margin: float = 0.3
+    scale: float = 30.0
+    num_workers: int | None = None
+    compile: bool = False
+    vocab: list[str] = field(default_factory=list)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.models_dir) / self.name
+
+    @property
+    def prepared_dir(self) -> Path:
+        return Path(self.prepared) if self.prepared else Path(self.data) / "prepared"
+
+
+def load_config(run_dir: str | os.PathLike) -> FitConfig:
+    """The FitConfig saved in `run_dir`."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise WhalefastError(f"{path}: not found; is {Path(run_dir).name} a trained model?")
+    raw = json.loads(path.read_text())
+    raw["milestones"] = tuple(raw.get("milestones", ()))
+    known = FitConfig.__dataclass_fields__
+    return FitConfig(**{k: v for k, v in raw.items() if k in known})
+
+
+def is_main_process() -> bool:
+    return rank_distrib() == 0
+
+
+class MaskedCrossEntropy(nn.Module):
+    """Cross-entropy over the rows whose target is a training class (unseen whales carry no class to learn)."""
+
+    def forward(self, logits, target):
+        mask = target != NEW_WHALE_TARGET
+        if not bool(mask.any()):
+            return logits.float().sum() * 0.0
+        return F.cross_entropy(logits[mask].float(), target[mask])
+
+    def activation(self, x):
+        return F.softmax(x.float(), dim=-1)
+
+    def decodes(self, x):
+        return x.argmax(dim=-1)
+
+
+def sgd_like_torch(params, lr, mom=0.9, wd=1e-4):
+    """fastai's SGD with L2 weight decay added to the gradient, i.e. exactly torch.optim.SGD(momentum, weight_decay)."""
+    return SGD(params, lr=lr, mom=mom, wd=wd, decouple_wd=False)
+
+
+class History(Callback):
+    """Write history.csv after every epoch (train/valid loss, MAP@5, top-1, lr, seconds) and redraw curves.png."""
+
+    order = 65  # after the Recorder has logged the epoch
+
+    def __init__(self, run_dir: Path, previous: pd.DataFrame | None = None):
+        self.run_dir = Path(run_dir)
+        self.rows = [] if previous is None else previous.to_dict("records")
+
+    def before_epoch(self):
+        self.skipped, self.start = False, time.time()
+
+    def after_cancel_epoch(self):
+        self.skipped = True
+
+    def after_epoch(self):
+        if self.skipped or not self.training_done():
+            return
+        names = list(self.recorder.metric_names[1:-1])
+        values = dict(zip(names, self.recorder.log[1 : 1 + len(names)]))
+        row = {
+            "epoch": self.epoch,
+            "train_loss": float(values.get("train_loss", float("nan"))),
+            "valid_loss": float(values.get("valid_loss", float("nan"))),
+            "map5": float(values.get("map5", float("nan"))),
+            "top1": float(values.get("top1", float("nan"))),
+            "lr": float(self.opt.hypers[-1]["lr"]),
+            "seconds": round(time.time() - self.start, 2),
+        }
+        self.rows = [r for r in self.rows if r["epoch"] != self.epoch] + [row]
+        if is_main_process():
+            history = pd.DataFrame(self.rows)
+            write_csv(history, self.run_dir / "history.csv")
+            plot_curves(history, self.run_dir / "curves.png")
+
+    def training_done(self) -> bool:
+        return len(self.recorder.log) > 2
+
+
+class Checkpoints(Callback):
+    """Keep the weights of the epoch with the best validation loss and, every epoch, the state to resume from."""
+
+    order = 66
+
+    def __init__(self, run_dir: Path, best_loss: float = float("inf"), best_epoch: int = -1):
+        self.run_dir, self.best_loss, self.best_epoch = Path(run_dir), best_loss, best_epoch
+
+    def before_epoch(self):
+        self.skipped = False
+
+    def after_cancel_epoch(self):
+        self.skipped = True
+
+    def after_epoch(self):
+        if self.skipped:
+            return
+        valid_loss = float(self.recorder.log[2]) if len(self.recorder.log) > 2 else float("inf")
+        if valid_loss < self.best_loss:
+            self.best_loss, self.best_epoch = valid_loss, self.epoch
+            if is_main_process():
+                save_atomic(unwrap(self.model).state_dict(), self.run_dir / "model.pth")
+                console.print(f"better model at epoch {self.epoch}: valid_loss {valid_loss:.4f}")
+        if is_main_process():
+            state = {
+                "model": unwrap(self.model).state_dict(),
+                "opt": self.opt.state_dict(),
+                "epoch": self.epoch,
+                "best_loss": self.best_loss,
+                "best_epoch": self.best_epoch,
+            }
+            save_atomic(state, self.run_dir / "last.pth")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel or torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename over `path`."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def plot_curves(history: pd.DataFrame, path: Path) -> None:
+    """train/valid loss and MAP@5 per epoch, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(history.epoch, history.train_loss, "o-", label="train loss")
+    ax1.plot(history.epoch, history.valid_loss, "o-", label="valid loss")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss")
+    ax1.legend()
+    ax2.plot(history.epoch, history.map5, "o-", color="tab:green", label="valid MAP@5")
+    ax2.plot(history.epoch, history.top1, "o-", color="tab:olive", label="valid top-1")
+    ax2.set_xlabel("epoch")
+    ax2.set_ylim(0, 1)
+    ax2.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+
+
+def _new_whale_class(vocab: list[str]) -> int | None:
+    from whalefast import NEW_WHALE
+
+    return vocab.index(NEW_WHALE) if NEW_WHALE in vocab else None
+
+
+def make_learner(cfg: FitConfig, dls) -> Learner:
+    """The Learner for `cfg`: registry backbone, SGD as torch applies it, the chosen method's head and loss."""
+    from whalefast.methods import method_parts
+
+    head, loss_func, metrics, extra_cbs = method_parts(cfg, dls)
+    learn = build_learner(
+        dls,
+        cfg.arch,
+        n_out=len(dls.vocab),
+        pretrained=cfg.pretrained,
+        head=head,
+        loss_func=loss_func,
+        opt_func=partial(sgd_like_torch, mom=cfg.momentum, wd=cfg.wd),
+        lr=cfg.lr,
+        metrics=metrics,
+        wd=cfg.wd,
+        wd_bn_bias=True,
+        path=cfg.run_dir,
+        model_dir=".",
+        cbs=extra_cbs,
+    )
+    if torch.cuda.is_available():
+        learn.model.to(memory_format=torch.channels_last)
+        learn.to_bf16() if torch.cuda.is_bf16_supported() else learn.to_fp16()
+    if cfg.compile:
+        learn.model = torch.compile(learn.model)
+    return learn
+
+
+def _dataloaders(cfg: FitConfig):
+    return whale_dataloaders(
+        cfg.data,
+        cfg.prepared_dir,
+        size=cfg.size,
+        bs=cfg.bs,
+        min_samples=cfg.min_samples,
+        train_new_whale=cfg.train_new_whale,
+        num_workers=cfg.num_workers,
+        seed=cfg.seed,
+    )
+
+
+def check_config(cfg: FitConfig) -> None:
+    """One-line errors for settings that cannot work."""
+    get_arch(cfg.arch)
+    if cfg.method not in ("softmax", "arcface"):
+        raise WhalefastError(f"unknown method {cfg.method!r}; choose softmax or arcface")
+    if cfg.schedule not in ("step", "one-cycle"):
+        raise WhalefastError(f"unknown schedule {cfg.schedule!r}; choose step or one-cycle")
+    if cfg.epochs < 1 or cfg.bs < 1 or cfg.size < 16:
+        raise WhalefastError("--epochs and --bs must be at least 1 and --size at least 16")
+    if cfg.freeze_epochs and not cfg.pretrained:
+        raise WhalefastError("--freeze-epochs needs a pretrained model")
+
+
+def fit(cfg: FitConfig, resume: bool = False) -> dict:
+    """Train a model as `cfg` says; write config, weights, history, curves and calibration to models/NAME/."""
+    if resume:
+        saved = load_config(cfg.run_dir)
+        if not (cfg.run_dir / "last.pth").is_file():
+            raise WhalefastError(f"{cfg.run_dir / 'last.pth'}: nothing to resume")
+        cfg = saved
+    check_config(cfg)
+    set_seed(cfg.seed, reproducible=True)
+    dls = _dataloaders(cfg)
+    cfg.vocab = list(dls.vocab)
+    run_dir = cfg.run_dir
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(json.dumps(asdict(cfg), indent=2), run_dir / "config.json")
+    learn = make_learner(cfg, dls)
+
+    start_epoch, previous, best = 0, None, (float("inf"), -1)
+    if resume:
+        state = torch.load(run_dir / "last.pth", map_location="cpu", weights_only=False)
+        unwrap(learn.model).load_state_dict(state["model"])
+        learn.unfreeze()
+        learn.create_opt()
+        learn.opt.load_state_dict(state["opt"])
+        start_epoch, best = state["epoch"] + 1, (state["best_loss"], state["best_epoch"])
+        if (run_dir / "history.csv").exists():
+            previous = pd.read_csv(run_dir / "history.csv")
+        console.print(f"resuming {cfg.name} at epoch {start_epoch} of {cfg.epochs}")
+    elif cfg.freeze_epochs:
+        learn.freeze()
+        learn.fit(cfg.freeze_epochs, lr=cfg.lr)
+    learn.unfreeze()
+
+    history = History(run_dir, previous)
+    checkpoints = Checkpoints(run_dir, *best)
+    cbs = [history, checkpoints]
+    if start_epoch < cfg.epochs:
+        if cfg.schedule == "step":
+            learn.fit(cfg.epochs, lr=cfg.lr, cbs=[StepSchedule(cfg.lr, cfg.milestones, cfg.gamma)] + cbs, reset_opt=False, start_epoch=start_epoch)
+        else:
+            learn.fit_one_cycle(cfg.epochs, lr_max=cfg.lr, cbs=cbs, start_epoch=start_epoch)
+
+    barrier()
+    unwrap(learn.model).load_state_dict(torch.load(run_dir / "model.pth", map_location="cpu", weights_only=True))
+    return finish(cfg, learn, checkpoints.best_epoch)
+
+
+def barrier() -> None:
+    """Wait for every process (rank 0 writes the files the others read)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def finish(cfg: FitConfig, learn: Learner, best_epoch: int) -> dict:
+    """Calibrate the new_whale threshold on validation with the best weights; save it; report the figures."""
+    from whalefast.methods import validation_scores
+
+    scores, targets, valid_loss, catalogue = validation_scores(cfg, learn)
+    if catalogue is not None and is_main_process():
+        from whalefast.catalogue import catalogue_path
+
+        save_atomic(catalogue, catalogue_path(cfg.run_dir))
+    new_whale_class = _new_whale_class(cfg.vocab)
+    if new_whale_class is None:
+        threshold, score = calibrate_threshold(scores, targets)
+        top1 = float((rank_with_new_whale(scores, threshold)[:, 0] == targets).float().mean())
+    else:
+        threshold = None
+        ranked = scores.topk(min(5, scores.shape[1]), 1).indices
+        score, top1 = map5(ranked, targets), float((ranked[:, 0] == targets).float().mean())
+    calibration = {"threshold": threshold, "valid_map5": score, "valid_top1": top1, "best_epoch": best_epoch, "valid_loss": valid_loss}
+    if is_main_process():
+        write_text(json.dumps(calibration, indent=2), cfg.run_dir / "calibration.json")
+        console.print(
+            f"best epoch {best_epoch} (valid loss {valid_loss:.4f}); validation MAP@5 {score:.4f}, top-1 {top1:.4f}, "
+            f"new_whale threshold {threshold if threshold is None else round(threshold, 4)}"
+        )
+    return {"run_dir": str(cfg.run_dir), **calibration}
+
+
+def lr_find(cfg: FitConfig) -> dict:
+    """fastai's learning-rate finder on `cfg`'s data and model; saves lr_find.png; the weights are left as they were."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from fastai.callback.schedule import minimum, slide, steep, valley
+
+    check_config(cfg)
+    set_seed(cfg.seed, reproducible=True)
+    dls = _dataloaders(cfg)
+    cfg.vocab = list(dls.vocab)
+    learn = make_learner(cfg, dls)
+    learn.unfreeze()
+    before = {k: v.clone() for k, v in unwrap(learn.model).state_dict().items()}
+    suggestions = learn.lr_find(suggest_funcs=(minimum, steep, valley, slide), show_plot=True)
+    unchanged = all(torch.equal(before[k], v) for k, v in unwrap(learn.model).state_dict().items())
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    path = cfg.run_dir / "lr_find.png"
+    with atomic_path(path) as tmp:
+        plt.gcf().savefig(tmp, format="png", dpi=90)
+    plt.close("all")
+    return {"suggestions": {k: float(v) for k, v in suggestions._asdict().items()}, "plot": str(path), "weights_unchanged": unchanged}
