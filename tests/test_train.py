@@ -1,0 +1,123 @@
+import copy
+
+import pandas as pd
+import pytest
+import torch
+from fastai.learner import CancelFitException
+from fastai.test_utils import synth_learner
+from torch import nn
+
+from whalefast.errors import WhalefastError
+from whalefast.models import ARCHS, build_model, get_arch
+from whalefast.schedule import StepSchedule
+from whalefast.train import Checkpoints, fit, lr_find, sgd_like_torch
+
+from conftest import tiny_fit_config
+
+
+def test_step_schedule_sets_lrs_at_the_right_epochs():
+    learn = synth_learner(n_trn=2)
+    seen = []
+
+    class Spy(StepSchedule):
+        def before_train(self):
+            seen.append(self.opt.hypers[-1]["lr"])
+
+    learn.fit(20, lr=0.5, cbs=Spy(0.01, (16, 19), 0.1))
+    assert seen == pytest.approx([0.01] * 16 + [0.001] * 3 + [0.0001])
+
+
+def test_sgd_matches_torch_sgd():
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    b = copy.deepcopy(a)
+    ours = sgd_like_torch(list(a.parameters()), lr=0.01, mom=0.9, wd=1e-4)
+    theirs = torch.optim.SGD(b.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    for step in range(5):
+        x = torch.randn(16, 4, generator=torch.Generator().manual_seed(step))
+        for model, opt in ((a, ours), (b, theirs)):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_every_registered_arch_builds(name):
+    model = build_model(name, n_out=7).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+
+
+def test_unknown_arch_lists_valid_names():
+    with pytest.raises(WhalefastError, match="choose one of: resnet18, resnet34"):
+        get_arch("alexnet")
+
+
+def test_efficientnet_lite0_classifies_a_cat_offline():
+    skimage = pytest.importorskip("skimage")
+    from PIL import Image
+
+    model = get_arch("efficientnet-lite0").build(True).eval()
+    img = Image.fromarray(skimage.data.chelsea()).resize((224, 224))
+    x = torch.tensor(list(img.getdata()), dtype=torch.float32).view(224, 224, 3).permute(2, 0, 1) / 255
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    with torch.no_grad():
+        top = model(x[None]).softmax(1).topk(3).indices[0].tolist()
+    assert 285 in top[:1]  # Egyptian cat
+
+
+def test_offline_pretrained_resnet_fails_with_one_line(monkeypatch, tmp_path):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+
+    def offline(*a, **k):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(WhalefastError, match="--no-pretrained"):
+        get_arch("resnet18").build(True)
+
+
+def test_tiny_fit_learns(tiny_softmax, tiny_data):
+    run_dir, result = tiny_softmax
+    history = pd.read_csv(run_dir / "history.csv")
+    assert list(history.epoch) == [0, 1, 2, 3]
+    assert history.valid_loss.iloc[-1] < history.valid_loss.iloc[0]
+    split = pd.read_csv(tiny_data / "prepared" / "split.csv")
+    valid = split[split.is_valid]
+    counts = split[~split.is_valid & (split.Id != "new_whale")].Id.value_counts()
+    baseline = ["new_whale"] + counts.index[:4].tolist()
+    base = sum(1 / (baseline.index(t) + 1) for t in valid.target if t in baseline) / len(valid)
+    assert result["valid_map5"] > base + 0.05
+    for f in ("config.json", "model.pth", "last.pth", "curves.png", "calibration.json"):
+        assert (run_dir / f).is_file()
+    assert history.lr.tolist() == pytest.approx([0.02, 0.02, 0.02, 0.002])
+
+
+def test_resume_continues_the_schedule(tiny_data, tmp_path, monkeypatch):
+    cfg = tiny_fit_config(tiny_data, tmp_path, epochs=3, milestones=(2,), arch="whale-resnet", pretrained=False, size=32)
+    original = Checkpoints.after_epoch
+
+    def interrupt(self):
+        original(self)
+        if self.epoch == 0:
+            raise CancelFitException()
+
+    monkeypatch.setattr(Checkpoints, "after_epoch", interrupt)
+    with pytest.raises(Exception):
+        fit(copy.deepcopy(cfg))
+    assert pd.read_csv(tmp_path / "tiny" / "history.csv").epoch.tolist() == [0]
+    monkeypatch.setattr(Checkpoints, "after_epoch", original)
+    fit(copy.deepcopy(cfg), resume=True)
+    history = pd.read_csv(tmp_path / "tiny" / "history.csv")
+    assert history.epoch.tolist() == [0, 1, 2]
+    assert history.lr.tolist() == pytest.approx([0.02, 0.02, 0.002])
+
+
+def test_lr_find_plot_and_weights_unchanged(tiny_data, tmp_path):
+    cfg = tiny_fit_config(tiny_data, tmp_path, arch="whale-resnet", pretrained=False, size=32, bs=16)
+    result = lr_find(cfg)
+    assert result["weights_unchanged"]
+    assert (tmp_path / "tiny" / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(v > 0 for v in result["suggestions"].values())
