@@ -1,0 +1,105 @@
+import json
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from whalefast.cli import app
+from whalefast.errors import WhalefastError
+from whalefast.evaluate import evaluate
+from whalefast.io import write_csv
+from whalefast.submit import apply_matches, submit
+
+
+def _answers(tmp_path):
+    answers = pd.DataFrame({"Image": ["a.jpg", "b.jpg", "c.jpg", "d.jpg"], "Id": ["w_1", "w_2", "new_whale", "w_3"]})
+    write_csv(answers, tmp_path / "answers.csv")
+    write_csv(pd.DataFrame({"Image": ["t1.jpg", "t2.jpg", "t3.jpg"], "Id": ["w_1", "w_2", "w_3"]}), tmp_path / "train.csv")
+    return tmp_path / "answers.csv"
+
+
+def _submission(tmp_path, rows, name="sub.csv"):
+    pd.DataFrame(rows, columns=["Image", "Id"]).to_csv(tmp_path / name, index=False)
+    return tmp_path / name
+
+
+def test_evaluate_hand_computed(tmp_path):
+    answers = _answers(tmp_path)
+    sub = _submission(tmp_path, [
+        ("a.jpg", "w_1 w_2 w_3 new_whale"),   # rank 1
+        ("b.jpg", "new_whale w_1 w_2"),       # rank 3
+        ("c.jpg", "w_1 new_whale"),           # rank 2
+        ("d.jpg", "w_1 w_2 new_whale"),       # miss
+    ])
+    r = evaluate(sub, answers)
+    assert r["map5"] == pytest.approx((1 + 1 / 3 + 1 / 2 + 0) / 4)
+    assert r["map5_catalogued"] == pytest.approx((1 + 1 / 3 + 0) / 3)
+    assert r["map5_new_whale"] == pytest.approx(0.5)
+    assert r["top1"] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(
+    "rows, header, message",
+    [
+        ([("a.jpg", "w_1")] * 2, "Image,Id", "appears twice"),
+        ([("a.jpg", "w_1"), ("b.jpg", "w_2"), ("c.jpg", "w_1")], "Image,Id", "no row for d.jpg"),
+        ([("a.jpg", "w_1"), ("x.jpg", "w_1")], "Image,Id", "x.jpg is not a test image"),
+        ([("a.jpg", "w_1 w_2 w_3 new_whale w_1 w_2")], "Image,Id", "at most 5"),
+        ([("a.jpg", "w_9")], "Image,Id", "unknown id w_9"),
+        ([("a.jpg", "w_1")], "image,id", "header must be Image,Id"),
+    ],
+)
+def test_evaluate_rejects_malformed_submissions(tmp_path, rows, header, message):
+    answers = _answers(tmp_path)
+    path = tmp_path / "bad.csv"
+    path.write_text(header + "\n" + "".join(f"{i},{ids}\n" for i, ids in rows))
+    with pytest.raises(WhalefastError, match=message):
+        evaluate(path, answers)
+    result = CliRunner().invoke(app, ["evaluate", str(path), str(answers)])
+    assert result.exit_code == 1 and message.split()[0] in result.output and "Traceback" not in result.output
+
+
+def test_hash_matches_go_first_each_id_once():
+    assert apply_matches(["new_whale", "w_a", "w_b", "w_c", "w_d"], ["w_b"]) == ["w_b", "new_whale", "w_a", "w_c", "w_d"]
+    assert apply_matches(["w_a", "w_b"], []) == ["w_a", "w_b"]
+
+
+def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "submission.csv"
+
+    def boom(self, path, **kw):
+        open(path, "w").write("Image,Id\nhalf")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", boom)
+    with pytest.raises(KeyboardInterrupt):
+        write_csv(pd.DataFrame({"Image": ["a"], "Id": ["w"]}), target)
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_submit_format_and_evaluate(tiny_softmax, tiny_data, tmp_path):
+    run_dir, _ = tiny_softmax
+    out = tmp_path / "submission.csv"
+    summary = submit(tiny_data, run_dir, out)
+    sub = pd.read_csv(out)
+    answers = pd.read_csv(tiny_data / "test_answers.csv")
+    assert list(sub.columns) == ["Image", "Id"] and sorted(sub.Image) == sorted(answers.Image)
+    assert all(len(ids.split()) == 5 and len(set(ids.split())) == 5 for ids in sub.Id)
+    matches = pd.read_csv(tiny_data / "prepared" / "test_matches.csv")
+    for image, group in matches.groupby("Image"):
+        assert sub.set_index("Image").Id[image].split()[0] == group.sort_values("distance").Id.iloc[0]
+    assert summary["rows"] == len(answers)
+    assert 0 <= evaluate(out, tiny_data / "test_answers.csv")["map5"] <= 1
+
+
+def test_predict_json_and_sheet(tiny_softmax, tiny_data, tmp_path):
+    run_dir, _ = tiny_softmax
+    photos = sorted((tiny_data / "test").iterdir())[:2]
+    result = CliRunner().invoke(
+        app, ["predict", *map(str, photos), "--model", run_dir.name, "--models-dir", str(run_dir.parent), "--json", "--top", "3", "--sheet", str(tmp_path / "sheet.png")]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout[: result.stdout.rindex("]") + 1])
+    assert [d["image"] for d in data] == list(map(str, photos))
+    assert all(len(d["matches"]) == 3 and len({m["id"] for m in d["matches"]}) == 3 for d in data)
+    assert (tmp_path / "sheet.png").read_bytes()[:4] == b"\x89PNG"
