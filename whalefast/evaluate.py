@@ -5,23 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pandas as pd
-
 from whalefast import NEW_WHALE
 from whalefast.errors import WhalefastError
-from whalefast.io import read_labels
+from whalefast.io import read_csv_file, read_labels
 from whalefast.metrics import map5_labels
 
 
 def read_submission(path: str | os.PathLike, images: list[str], known_ids: set[str] | None = None) -> dict[str, list[str]]:
     """A submission as {image: [ids]}, rejecting the first format problem with a one-line error."""
     path = Path(path)
-    if not path.is_file():
-        raise WhalefastError(f"{path}: file not found")
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise WhalefastError(f"{path}: not a readable CSV ({str(e).splitlines()[0]})") from None
+    df = read_csv_file(path)
     if list(df.columns) != ["Image", "Id"]:
         raise WhalefastError(f"{path}: header must be Image,Id, found {','.join(map(str, df.columns))}")
     seen: dict[str, list[str]] = {}

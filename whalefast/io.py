@@ -48,15 +48,20 @@ def write_text(text: str, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def read_labels(path: str | os.PathLike, columns=("Image", "Id"), single_id: bool = True) -> pd.DataFrame:
-    """Read an `Image,Id` CSV, checking columns, empty cells and repeated images."""
-    path = Path(path)
+def read_csv_file(path: Path) -> pd.DataFrame:
+    """A CSV as strings, or a one-line error naming the file."""
     if not path.is_file():
         raise WhalefastError(f"{path}: file not found")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise WhalefastError(f"{path}: not a readable CSV ({str(e).splitlines()[0]})") from None
+
+
+def read_labels(path: str | os.PathLike, columns=("Image", "Id"), single_id: bool = True) -> pd.DataFrame:
+    """Read an `Image,Id` CSV, checking columns, empty cells and repeated images."""
+    path = Path(path)
+    df = read_csv_file(path)
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise WhalefastError(
