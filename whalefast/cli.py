@@ -166,11 +166,8 @@ def fit(
 
     cfg = _run(_fit_config, **{k: v for k, v in locals().items() if k not in ("resume", "distributed", "run")})
     if distributed:
-        from whalefast.distributed import fit_distributed
-
-        _run(fit_distributed, cfg, resume)
-    else:
-        _run(run, cfg, resume)
+        _fail(WhalefastError("--distributed is not available yet; train in one process"))
+    _run(run, cfg, resume)
 
 
 @app.command("lr-find")
