@@ -105,8 +105,6 @@ def _fit_config(**kw):
     for key in ("data", "models_dir"):
         kw[key] = str(kw[key])
     if kw.get("min_samples") is None:
-        from whalefast.prepare import default_out
-
         prepared = Path(kw["data"]) / "prepared" / "prepare.json"
         kw["min_samples"] = json.loads(prepared.read_text()).get("min_samples", 10) if prepared.exists() else 10
     return FitConfig(**kw)

@@ -77,7 +77,8 @@ def prepare(data: str | os.PathLike, out: str | os.PathLike | None = None, cfg: 
     clean, groups = dedup(train[["Image", "Id", "hash", "width", "height", "mode"]], cfg.max_distance)
     write_csv(groups, out / "dedup.csv")
     write_csv(clean[["Image", "Id", "hash", "width", "height", "mode"]], out / "train_clean.csv")
-    write_csv(match_test(test_ok, train, cfg.max_distance), out / "test_matches.csv")
+    matches = match_test(test_ok, train, cfg.max_distance)
+    write_csv(matches, out / "test_matches.csv")
     split = make_split(clean, cfg.valid_pct, cfg.unseen_pct, cfg.seed, cfg.max_distance)
     write_csv(split, out / "split.csv")
     write_text(json.dumps(asdict(cfg), indent=2), out / "prepare.json")
@@ -92,7 +93,7 @@ def prepare(data: str | os.PathLike, out: str | os.PathLike | None = None, cfg: 
         **{f"groups_{a}": int((groups.action == a).sum()) if len(groups) else 0 for a in ("keep_one", "drop_new_whale", "drop_all")},
         "skipped": len(skipped),
         "test_images": len(test_names),
-        "test_matched": int(pd.read_csv(out / "test_matches.csv").Image.nunique()),
+        "test_matched": int(matches.Image.nunique()),
         "train_images": int((~split.is_valid).sum()),
         "valid_images": len(valid),
         "valid_new_whale": int((valid.target == NEW_WHALE).sum()),
