@@ -15,8 +15,9 @@ from whalefast.io import atomic_path, load_square, write_csv
 class CachedImages:
     """Read-only view of a decoded-image cache: `images[name]` or `images.row(i)` gives (size, size, 3) uint8."""
 
-    def __init__(self, data_path: str | os.PathLike, names: list[str], size: int):
+    def __init__(self, data_path: str | os.PathLike, names: list[str], size: int, problems: dict[str, str] | None = None):
         self.data_path, self.size = str(data_path), size
+        self.problems = problems or {}  # name -> why it could not be decoded (its row is black)
         self.names = list(names)
         self.index = {n: i for i, n in enumerate(self.names)}
         self._array = None
@@ -40,9 +41,16 @@ class CachedImages:
         return self.array[i]
 
 
-def _decode_chunk(args: tuple[list[str], int]) -> np.ndarray:
+def _decode_chunk(args: tuple[list[str], int]) -> tuple[np.ndarray, list[str]]:
     paths, size = args
-    return np.stack([load_square(p, size) for p in paths]) if paths else np.zeros((0, size, size, 3), np.uint8)
+    arrays, problems = np.zeros((len(paths), size, size, 3), np.uint8), []
+    for i, p in enumerate(paths):
+        try:
+            arrays[i] = load_square(p, size)
+            problems.append("")
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+            problems.append(f"unreadable ({type(e).__name__})")
+    return arrays, problems
 
 
 def build_cache(
@@ -56,10 +64,14 @@ def build_cache(
     stats = {n: os.stat(folder / n) for n in names}
     key = {n: (st.st_size, st.st_mtime_ns) for n, st in stats.items()}
 
-    old = pd.read_csv(index_path) if index_path.exists() and data_path.exists() else pd.DataFrame(columns=["Image", "bytes", "mtime_ns"])
+    columns = ["Image", "bytes", "mtime_ns", "problem"]
+    old = pd.read_csv(index_path, keep_default_na=False) if index_path.exists() and data_path.exists() else pd.DataFrame(columns=columns)
+    if list(old.columns) != columns:
+        old = pd.DataFrame(columns=columns)
+    problems = {r.Image: r.problem for r in old.itertuples(index=False) if r.problem}
     old_rows = {r.Image: i for i, r in enumerate(old.itertuples(index=False)) if key.get(r.Image) == (int(r.bytes), int(r.mtime_ns))}
     if len(old) and all(n in old_rows for n in names) and list(old.Image) == list(names):
-        return CachedImages(data_path, names, size)
+        return CachedImages(data_path, names, size, problems)
 
     todo = [n for n in names if n not in old_rows]
     old_array = np.memmap(data_path, dtype=np.uint8, mode="r", shape=(len(old), size, size, 3)) if len(old) else None
@@ -75,12 +87,15 @@ def build_cache(
         if chunks:
             with ProcessPoolExecutor(workers) as pool:
                 jobs = [([str(folder / n) for n in c], size) for c in chunks]
-                for chunk, arr in zip(chunks, pool.map(_decode_chunk, jobs)):
+                for chunk, (arr, chunk_problems) in zip(chunks, pool.map(_decode_chunk, jobs)):
                     out[[position[n] for n in chunk]] = arr
+                    problems.update({n: p for n, p in zip(chunk, chunk_problems)})
                     if progress:
                         progress(len(chunk))
         out.flush()
         del out
         index_path.unlink(missing_ok=True)  # a stale index must never describe the new data
-    write_csv(pd.DataFrame({"Image": names, "bytes": [key[n][0] for n in names], "mtime_ns": [key[n][1] for n in names]}), index_path)
-    return CachedImages(data_path, names, size)
+    problems = {n: problems[n] for n in names if problems.get(n)}
+    index = {"Image": names, "bytes": [key[n][0] for n in names], "mtime_ns": [key[n][1] for n in names], "problem": [problems.get(n, "") for n in names]}
+    write_csv(pd.DataFrame(index), index_path)
+    return CachedImages(data_path, names, size, problems)

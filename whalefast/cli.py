@@ -71,12 +71,11 @@ def synth(
     test_images: Annotated[int, typer.Option(help="Test photos.")] = 600,
 ):
     """Generate a synthetic fluke dataset in the Kaggle layout (the embedded demo data)."""
-    from whalefast.console import console, progress_bar
+    from whalefast.console import console
     from whalefast.synth import SynthConfig, generate
 
     cfg = SynthConfig(seed=seed, whales=whales, train_images=train_images, test_images=test_images)
-    with progress_bar("rendering photos", train_images + test_images - max(1, round(test_images * 0.03)) - round(train_images * 0.08)) as advance:
-        path = _run(generate, out, cfg, progress=advance)
+    path = _run(generate, out, cfg)
     console.print(f"wrote synthetic dataset to [bold]{path}[/bold]")
 
 

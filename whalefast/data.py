@@ -168,7 +168,6 @@ def whale_dataloaders(
         drop_last=False,
     )
     if seed is not None:
-        dls.rng.seed(seed)
         for dl in dls.loaders:
             dl.rng.seed(seed)
     dls.vocab = vocab

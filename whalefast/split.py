@@ -23,6 +23,7 @@ def make_split(
     df["group"] = group_labels(hashes_to_ints(df["hash"]), max(max_distance, SPLIT_GROUP_DISTANCE))
     rng = np.random.default_rng(seed)
     groups_of = df.groupby("Id")["group"].agg(lambda g: sorted(set(g)))
+    group_size = df.group.value_counts()
     catalogued = [wid for wid, gs in groups_of.items() if wid != NEW_WHALE and len(gs) >= 2]
     # One photo per catalogued id at most, so the seen part is capped; the unseen share follows it.
     n_seen = min(int(round(valid_pct * len(df) * (1 - unseen_pct))), len(catalogued))
@@ -39,7 +40,7 @@ def make_split(
         if taken >= n_unseen:
             break
         valid_groups.add(g)
-        taken += int((df.group == g).sum())
+        taken += int(group_size[g])
 
     rng.shuffle(catalogued)
     for wid in catalogued:
@@ -50,7 +51,7 @@ def make_split(
             continue
         g = gs[int(rng.integers(len(gs)))]
         valid_groups.add(g)
-        taken += int((df.group == g).sum())
+        taken += int(group_size[g])
 
     df["is_valid"] = df.group.isin(valid_groups)
     train_ids = set(df.loc[~df.is_valid, "Id"])

@@ -12,7 +12,7 @@ from whalefast.console import console, progress_bar
 from whalefast.data import image_cache
 from whalefast.errors import WhalefastError
 from whalefast.inference import Scorer
-from whalefast.io import image_problem, list_images, read_labels, write_csv
+from whalefast.io import list_images, read_labels, write_csv
 
 
 def test_images(data: Path) -> list[str]:
@@ -57,9 +57,9 @@ def submit(
     prepared = Path(prepared) if prepared else data / "prepared"
     names = test_images(data)
     scorer = Scorer(run_dir)
-    unreadable = [n for n in names if image_problem(data / "test" / n)]
-    readable = [n for n in names if n not in set(unreadable)]
-    images = image_cache(data, prepared, "test", readable, scorer.cfg.size)
+    images = image_cache(data, prepared, "test", names, scorer.cfg.size)
+    unreadable = [n for n in names if n in images.problems]
+    readable = [n for n in names if n not in images.problems]
     with progress_bar("predicting test/", len(readable)) as advance:
         scores = scorer.scores([images[n] for n in readable], tta=tta, progress=advance)
     ranked = dict(zip(readable, scorer.rank(scores)))

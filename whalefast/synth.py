@@ -15,6 +15,7 @@ import pandas as pd
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 from whalefast import NEW_WHALE
+from whalefast.console import progress_bar
 from whalefast.errors import WhalefastError
 from whalefast.io import write_csv
 
@@ -62,9 +63,8 @@ def photos_per_id(n_ids: int, n_images: int, rng: np.random.Generator) -> np.nda
         else:
             hi = a
     counts = rng.choice(k, size=n_ids, p=p)
-    counts[np.argsort(-counts)[: max(1, n_ids // 100)]] = np.maximum(
-        counts[np.argsort(-counts)[: max(1, n_ids // 100)]], min(20, MAX_PHOTOS_PER_ID)
-    )
+    largest = np.argsort(-counts)[: max(1, n_ids // 100)]  # a few ids with 20+ photos, as in the real data
+    counts[largest] = np.maximum(counts[largest], 20)
     while counts.sum() != n_images:  # nudge to the exact total, keeping at least one photo per id
         diff = n_images - counts.sum()
         idx = rng.choice(n_ids, size=min(abs(diff), n_ids), replace=False, p=counts / counts.sum())
@@ -326,7 +326,7 @@ def check_output_folder(out: Path) -> None:
         raise WhalefastError(f"{out}: already holds a dataset (train.csv, train/ or test/); choose an empty folder")
 
 
-def generate(out: str | os.PathLike, cfg: SynthConfig = SynthConfig(), workers: int | None = None, progress=None) -> Path:
+def generate(out: str | os.PathLike, cfg: SynthConfig = SynthConfig(), workers: int | None = None) -> Path:
     """Write a synthetic dataset in the Kaggle layout to `out` (plus test_answers.csv and planted_duplicates.csv)."""
     out = Path(out)
     check_output_folder(out)
@@ -344,10 +344,9 @@ def generate(out: str | os.PathLike, cfg: SynthConfig = SynthConfig(), workers: 
     for photo, split in jobs:
         by_individual.setdefault((photo.individual % (workers * 4), split), []).append(photo)
     chunks = [(cfg.seed, photos, str(staging / split)) for (_, split), photos in sorted(by_individual.items())]
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(workers) as pool, progress_bar("rendering photos", len(jobs)) as advance:
         for done in pool.map(_render_chunk, chunks):
-            if progress:
-                progress(done)
+            advance(done)
 
     records = []
     for copy_name, orig_name, _, dup_seed in plan["duplicates"]:

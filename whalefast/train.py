@@ -162,7 +162,7 @@ class Checkpoints(Callback):
         if self.skipped:
             return
         valid_loss = float(self.recorder.log[2]) if len(self.recorder.log) > 2 else float("inf")
-        if valid_loss < self.best_loss:
+        if valid_loss < self.best_loss or self.best_epoch < 0:  # a NaN first epoch still leaves weights to load
             self.best_loss, self.best_epoch = valid_loss, self.epoch
             if is_main_process():
                 save_atomic(unwrap(self.model).state_dict(), self.run_dir / "model.pth")
