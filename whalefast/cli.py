@@ -116,6 +116,7 @@ BsOpt = Annotated[int, typer.Option(help="Batch size.", rich_help_panel=TRAIN)]
 LrOpt = Annotated[float, typer.Option(help="Base learning rate.", rich_help_panel=TRAIN)]
 MilestonesOpt = Annotated[str, typer.Option(help="Epochs after which lr is multiplied by gamma.", rich_help_panel=TRAIN)]
 GammaOpt = Annotated[float, typer.Option(help="lr factor at each milestone.", rich_help_panel=TRAIN)]
+OptOpt = Annotated[str, typer.Option(help="sgd (the reference: momentum 0.9, L2 1e-4) or adam (fastai's default).", rich_help_panel=TRAIN)]
 ScheduleOpt = Annotated[str, typer.Option(help="step (the reference) or one-cycle (fastai).", rich_help_panel=TRAIN)]
 FreezeOpt = Annotated[int, typer.Option(help="Epochs training only the head first (pretrained models).", rich_help_panel=TRAIN)]
 SizeOpt = Annotated[int, typer.Option(help="Image size in pixels.", rich_help_panel=DATA)]
@@ -142,6 +143,7 @@ def fit(
     milestones: MilestonesOpt = "16,19",
     gamma: GammaOpt = 0.1,
     schedule: ScheduleOpt = "step",
+    opt: OptOpt = "sgd",
     freeze_epochs: FreezeOpt = 0,
     size: SizeOpt = 224,
     pretrained: PretrainedOpt = True,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import fastai.callback.schedule  # noqa: F401 - adds Learner.fit_one_cycle and Learner.lr_find
 from fastai.callback.core import Callback
 from fastai.learner import Learner
-from fastai.optimizer import SGD
+from fastai.optimizer import SGD, Adam
 from fastai.torch_core import rank_distrib, set_seed
 from torch import nn
 
@@ -42,6 +42,7 @@ class FitConfig:
     milestones: tuple[int, ...] = (16, 19)
     gamma: float = 0.1
     schedule: str = "step"
+    opt: str = "sgd"
     momentum: float = 0.9
     wd: float = 1e-4
     freeze_epochs: int = 0
@@ -232,7 +233,7 @@ def make_learner(cfg: FitConfig, dls) -> Learner:
         pretrained=cfg.pretrained,
         head=head,
         loss_func=loss_func,
-        opt_func=partial(sgd_like_torch, mom=cfg.momentum, wd=cfg.wd),
+        opt_func=partial(sgd_like_torch, mom=cfg.momentum, wd=cfg.wd) if cfg.opt == "sgd" else Adam,
         lr=cfg.lr,
         metrics=metrics,
         wd=cfg.wd,
@@ -267,6 +268,8 @@ def check_config(cfg: FitConfig) -> None:
     get_arch(cfg.arch)
     if cfg.method not in ("softmax", "arcface"):
         raise WhalefastError(f"unknown method {cfg.method!r}; choose softmax or arcface")
+    if cfg.opt not in ("sgd", "adam"):
+        raise WhalefastError(f"unknown optimiser {cfg.opt!r}; choose sgd or adam")
     if cfg.schedule not in ("step", "one-cycle"):
         raise WhalefastError(f"unknown schedule {cfg.schedule!r}; choose step or one-cycle")
     if cfg.epochs < 1 or cfg.bs < 1 or cfg.size < 16:
