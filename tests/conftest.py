@@ -34,8 +34,8 @@ def data_copy(tiny_data, tmp_path) -> Path:
 def tiny_fit_config(data: Path, models: Path, **kw) -> FitConfig:
     """Settings for a fit that takes seconds on 2 CPU cores and still learns."""
     base = dict(
-        data=str(data), arch="efficientnet-lite0", pretrained=True, size=64, bs=32, epochs=4, lr=0.02,
-        milestones=(3,), schedule="step", min_samples=4, name="tiny", models_dir=str(models), seed=0,
+        data=str(data), arch="efficientnet-lite0", pretrained=True, size=64, bs=32, epochs=6, lr=1e-3,
+        milestones=(5,), schedule="step", opt="adam", min_samples=4, name="tiny", models_dir=str(models), seed=0,
     )
     base.update(kw)
     return FitConfig(**base)
@@ -53,5 +53,5 @@ def tiny_softmax(tiny_data, tmp_path_factory):
 def tiny_arcface(tiny_data, tmp_path_factory):
     """A tiny arcface model fitted on the tiny dataset: (run dir, fit result)."""
     models = tmp_path_factory.mktemp("models")
-    result = fit(tiny_fit_config(tiny_data, models, name="arcface", method="arcface", embed_dim=64, lr=0.05, scale=16.0))
+    result = fit(tiny_fit_config(tiny_data, models, name="arcface", method="arcface", embed_dim=64, scale=16.0))
     return models / "arcface", result

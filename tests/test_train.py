@@ -78,11 +78,10 @@ def test_offline_pretrained_resnet_fails_with_one_line(monkeypatch, tmp_path):
         get_arch("resnet18").build(True)
 
 
-@pytest.mark.xfail(reason="known, issue 4 open: the SGD recipe does not yet learn in 4 tiny CPU epochs", strict=False)
 def test_tiny_fit_learns(tiny_softmax, tiny_data):
     run_dir, result = tiny_softmax
     history = pd.read_csv(run_dir / "history.csv")
-    assert list(history.epoch) == [0, 1, 2, 3]
+    assert list(history.epoch) == [0, 1, 2, 3, 4, 5]
     assert history.valid_loss.iloc[-1] < history.valid_loss.iloc[0]
     split = pd.read_csv(tiny_data / "prepared" / "split.csv")
     valid = split[split.is_valid]
@@ -92,11 +91,11 @@ def test_tiny_fit_learns(tiny_softmax, tiny_data):
     assert result["valid_map5"] > base + 0.05
     for f in ("config.json", "model.pth", "last.pth", "curves.png", "calibration.json"):
         assert (run_dir / f).is_file()
-    assert history.lr.tolist() == pytest.approx([0.02, 0.02, 0.02, 0.002])
+    assert history.lr.tolist() == pytest.approx([1e-3] * 5 + [1e-4])
 
 
 def test_resume_continues_the_schedule(tiny_data, tmp_path, monkeypatch):
-    cfg = tiny_fit_config(tiny_data, tmp_path, epochs=3, milestones=(2,), arch="whale-resnet", pretrained=False, size=32)
+    cfg = tiny_fit_config(tiny_data, tmp_path, epochs=3, milestones=(2,), arch="whale-resnet", pretrained=False, size=32, opt="sgd", lr=0.02)
     original = Checkpoints.after_epoch
 
     def interrupt(self):

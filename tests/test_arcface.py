@@ -1,0 +1,64 @@
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from whalefast.catalogue import add_to_catalogue, load_catalogue
+from whalefast.methods import EmbeddingHead, cosine_id_scores
+from whalefast.predict import predict
+
+
+def test_margin_zero_equals_scaled_softmax_cross_entropy():
+    torch.manual_seed(0)
+    head = EmbeddingHead(features=8, embed_dim=4, n_classes=3, margin=0.0, scale=10.0)
+    emb = F.normalize(torch.randn(5, 4), dim=1)
+    target = torch.tensor([0, 1, 2, 1, 0])
+    centres = F.normalize(head.arcface.W.detach().T, dim=1)  # (classes, dim)
+    expected = F.cross_entropy(10.0 * emb @ centres.T, target)
+    assert float(head.arcface(emb, target)) == pytest.approx(float(expected), rel=1e-4)
+    with_margin = EmbeddingHead(features=8, embed_dim=4, n_classes=3, margin=0.5, scale=10.0)
+    with_margin.arcface.W.data.copy_(head.arcface.W.data)
+    assert float(with_margin.arcface(emb, target)) > float(expected)  # the margin makes the true class harder
+
+
+def test_ranking_scores_each_id_once_by_its_nearest_photo():
+    catalogue = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [-1.0, 0.0]])
+    labels = torch.tensor([0, 1, 1, 2])  # id 1 has two photos
+    query = torch.tensor([[0.8, 0.6]])
+    scores = cosine_id_scores(query, catalogue, labels, n_ids=4)
+    assert scores.shape == (1, 4)
+    assert scores[0].tolist() == pytest.approx([0.8, 0.96, -0.8, -2.0])  # id 3 has no photo
+
+
+def test_tiny_arcface_fit_learns(tiny_arcface, tiny_data):
+    run_dir, result = tiny_arcface
+    history = pd.read_csv(run_dir / "history.csv")
+    assert history.valid_loss.iloc[-1] < history.valid_loss.iloc[0]
+    split = pd.read_csv(tiny_data / "prepared" / "split.csv")
+    valid = split[split.is_valid]
+    counts = split[~split.is_valid & (split.Id != "new_whale")].Id.value_counts()
+    baseline = ["new_whale"] + counts.index[:4].tolist()
+    base = sum(1 / (baseline.index(t) + 1) for t in valid.target if t in baseline) / len(valid)
+    assert result["valid_map5"] > base + 0.05
+    cat = load_catalogue(run_dir)
+    assert cat["embeddings"].shape[1] == 64 and len(cat["images"]) == cat["embeddings"].shape[0]
+
+
+def test_catalogue_add_makes_a_new_whale_findable(tiny_arcface, tmp_path):
+    from whalefast.synth import fluke_template, render_photo
+
+    run_dir = tmp_path / "arcface"
+    shutil.copytree(tiny_arcface[0], run_dir)  # the session's model stays as it was
+    template = fluke_template(seed=99, individual=12345)  # an individual the model never saw
+    (tmp_path / "new").mkdir()
+    for name, seed in (("first.jpg", 1), ("second.jpg", 2)):
+        (tmp_path / "new" / name).write_bytes(render_photo(template, seed))
+    pd.DataFrame({"Image": ["first.jpg"], "Id": ["w_newbie"]}).to_csv(tmp_path / "new.csv", index=False)
+    before = load_catalogue(run_dir)
+    summary = add_to_catalogue(run_dir, tmp_path / "new.csv", tmp_path / "new")
+    assert summary["new_ids"] == 1 and summary["ids"] == len(before["ids"]) + 1
+    ranked = predict([tmp_path / "new" / "second.jpg"], run_dir, top=5)[0]["matches"]
+    ids = [m["id"] for m in ranked if m["id"] != "new_whale"]
+    assert ids[0] == "w_newbie"  # another photo of the added whale finds it first among catalogued ids
