@@ -280,7 +280,7 @@ def demo(
     data: Annotated[Path, typer.Option("--data", help="Where the demo dataset lives (generated if absent).")] = Path("data/demo"),
     models_dir: ModelsDirOpt = Path("models"),
     method: MethodOpt = "softmax",
-    epochs: EpochsOpt = 5,
+    epochs: EpochsOpt = 3,
 ):
     """The main job on the embedded demo data: synth, prepare, fit, submit, evaluate; prints validation and test MAP@5."""
     from whalefast.demo import run_demo
