@@ -164,9 +164,7 @@ def fit(
     from whalefast.train import fit as run
 
     cfg = _run(_fit_config, **{k: v for k, v in locals().items() if k not in ("resume", "distributed", "run")})
-    if distributed:
-        _fail(WhalefastError("--distributed is not available yet; train in one process"))
-    _run(run, cfg, resume)
+    _run(run, cfg, resume, distributed)
 
 
 @app.command("lr-find")

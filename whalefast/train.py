@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -21,6 +22,7 @@ from torch import nn
 
 from whalefast.console import console
 from whalefast.data import whale_dataloaders
+from whalefast.distributed import barrier, rank0_first
 from whalefast.errors import WhalefastError
 from whalefast.io import atomic_path, write_csv, write_text
 from whalefast.metrics import NEW_WHALE_TARGET, calibrate_threshold, map5, rank_with_new_whale, whale_metrics
@@ -114,6 +116,12 @@ class History(Callback):
     def __init__(self, run_dir: Path, previous: pd.DataFrame | None = None):
         self.run_dir = Path(run_dir)
         self.rows = [] if previous is None else previous.to_dict("records")
+
+    def before_fit(self):
+        self.train_batches = 0
+
+    def after_batch(self):
+        self.train_batches += int(self.training)
 
     def before_epoch(self):
         self.skipped, self.start = False, time.time()
@@ -278,16 +286,24 @@ def check_config(cfg: FitConfig) -> None:
         raise WhalefastError("--freeze-epochs needs a pretrained model")
 
 
-def fit(cfg: FitConfig, resume: bool = False) -> dict:
-    """Train a model as `cfg` says; write config, weights, history, curves and calibration to models/NAME/."""
+def fit(cfg: FitConfig, resume: bool = False, distributed: bool = False) -> dict:
+    """Train a model as `cfg` says; write config, weights, history, curves and calibration to models/NAME/.
+
+    With `distributed` (in processes started by accelerate launch or torchrun), train data-parallel
+    through fastai's distrib_ctx; only rank 0 writes files.
+    """
     if resume:
         saved = load_config(cfg.run_dir)
         if not (cfg.run_dir / "last.pth").is_file():
             raise WhalefastError(f"{cfg.run_dir / 'last.pth'}: nothing to resume")
         cfg = saved
     check_config(cfg)
+    if distributed:
+        from whalefast.distributed import init_distributed
+
+        init_distributed()
     set_seed(cfg.seed, reproducible=True)
-    dls = _dataloaders(cfg)
+    dls = rank0_first(_dataloaders, cfg)  # rank 0 builds the decoded-image cache, the others then read it
     cfg.vocab = list(dls.vocab)
     run_dir = cfg.run_dir
     if is_main_process():
@@ -315,20 +331,20 @@ def fit(cfg: FitConfig, resume: bool = False) -> dict:
     checkpoints = Checkpoints(run_dir, *best)
     cbs = [history, checkpoints]
     if start_epoch < cfg.epochs:
-        if cfg.schedule == "step":
-            learn.fit(cfg.epochs, lr=cfg.lr, cbs=[StepSchedule(cfg.lr, cfg.milestones, cfg.gamma)] + cbs, reset_opt=False, start_epoch=start_epoch)
-        else:
-            learn.fit_one_cycle(cfg.epochs, lr_max=cfg.lr, cbs=cbs, start_epoch=start_epoch)
+        # SyncBatchNorm runs on GPUs only; on CPUs each process keeps its own batch statistics.
+        cuda = torch.cuda.is_available()
+        context = learn.distrib_ctx(sync_bn=cuda, cpu=not cuda) if distributed else contextlib.nullcontext()
+        with context:
+            if cfg.schedule == "step":
+                learn.fit(cfg.epochs, lr=cfg.lr, cbs=[StepSchedule(cfg.lr, cfg.milestones, cfg.gamma)] + cbs, reset_opt=False, start_epoch=start_epoch)
+            else:
+                learn.fit_one_cycle(cfg.epochs, lr_max=cfg.lr, cbs=cbs, start_epoch=start_epoch)
+        if distributed:
+            console.print(f"rank {rank_distrib()}: trained {history.train_batches} batches")
 
     barrier()
     unwrap(learn.model).load_state_dict(torch.load(run_dir / "model.pth", map_location="cpu", weights_only=True))
     return finish(cfg, learn, checkpoints.best_epoch)
-
-
-def barrier() -> None:
-    """Wait for every process (rank 0 writes the files the others read)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
 
 
 def finish(cfg: FitConfig, learn: Learner, best_epoch: int) -> dict:
