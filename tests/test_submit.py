@@ -36,6 +36,8 @@ def test_evaluate_hand_computed(tmp_path):
     assert r["map5_catalogued"] == pytest.approx((1 + 1 / 3 + 0) / 3)
     assert r["map5_new_whale"] == pytest.approx(0.5)
     assert r["top1"] == pytest.approx(0.25)
+    assert r["single_photo_ids"] == 3  # every catalogued id has one photo in train.csv
+    assert r["map5_single_photo_ids"] == pytest.approx(r["map5_catalogued"])
 
 
 @pytest.mark.parametrize(

@@ -267,7 +267,8 @@ def evaluate(
                 [f"MAP@5 catalogued whales ({r['catalogued']})", f"{r['map5_catalogued']:.4f}"],
                 [f"MAP@5 new_whale ({r['new_whale']})", f"{r['map5_new_whale']:.4f}"],
                 ["top-1 accuracy", f"{r['top1']:.4f}"],
-            ],
+            ]
+            + ([[f"MAP@5 ids with one training photo ({r['single_photo_ids']})", f"{r['map5_single_photo_ids']:.4f}"]] if r["single_photo_ids"] else []),
         )
     )
     typer.echo(f"MAP@5: {r['map5']:.4f}")

@@ -47,6 +47,7 @@ def run_demo(data: str | os.PathLike = "data/demo", models_dir: str | os.PathLik
                 ["test (held-out answers)", f"{scores['map5']:.4f}"],
                 ["test, catalogued whales", f"{scores['map5_catalogued']:.4f}"],
                 ["test, new_whale", f"{scores['map5_new_whale']:.4f}"],
+                ["test, ids with one training photo", f"{scores['map5_single_photo_ids']:.4f}"],
             ],
         )
     )

@@ -45,7 +45,8 @@ def evaluate(submission: str | os.PathLike, answers: str | os.PathLike, train_cs
     truth = read_labels(answers)
     if train_csv is None and (Path(answers).parent / "train.csv").exists():
         train_csv = Path(answers).parent / "train.csv"
-    known = set(read_labels(train_csv).Id) if train_csv else None
+    train = read_labels(train_csv) if train_csv else None
+    known = set(train.Id) if train is not None else None
     predictions = read_submission(submission, truth.Image.tolist(), known)
     preds = [predictions[i] for i in truth.Image]
     is_new = truth.Id == NEW_WHALE
@@ -53,7 +54,11 @@ def evaluate(submission: str | os.PathLike, answers: str | os.PathLike, train_cs
     def part(mask) -> float:
         return map5_labels([p for p, m in zip(preds, mask) if m], truth.Id[mask].tolist())
 
+    photos = train.Id.value_counts() if train is not None else None
+    single = truth.Id.map(photos).fillna(0).eq(1) & ~is_new if photos is not None else None
     return {
+        "map5_single_photo_ids": part(single) if single is not None else None,
+        "single_photo_ids": int(single.sum()) if single is not None else 0,
         "map5": map5_labels(preds, truth.Id.tolist()),
         "map5_catalogued": part(~is_new),
         "map5_new_whale": part(is_new),
