@@ -42,3 +42,14 @@ def test_calibration_picks_threshold_that_maximises_map5():
     assert best == 1.0
     assert 0.4 < threshold <= 0.8
     assert map5(rank_with_new_whale(scores, 0.0), targets) < best
+
+
+def test_masked_cross_entropy_ignores_unseen_whales():
+    import torch.nn.functional as F
+
+    from whalefast.train import MaskedCrossEntropy
+
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.0], [9.0, -9.0, 0.0]])
+    targets = torch.tensor([0, 2, NW])
+    assert float(MaskedCrossEntropy()(logits, targets)) == pytest.approx(float(F.cross_entropy(logits[:2], targets[:2])))
+    assert float(MaskedCrossEntropy()(logits, torch.tensor([NW] * 3))) == 0.0
