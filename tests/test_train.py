@@ -120,3 +120,16 @@ def test_lr_find_plot_and_weights_unchanged(tiny_data, tmp_path):
     assert result["weights_unchanged"]
     assert (tmp_path / "tiny" / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all(v > 0 for v in result["suggestions"].values())
+
+
+def test_lr_find_command_prints_suggestions(tiny_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from whalefast.cli import app
+
+    result = CliRunner().invoke(app, [
+        "lr-find", "--data", str(tiny_data), "--arch", "whale-resnet", "--no-pretrained", "--size", "32", "--bs", "16",
+        "--models-dir", str(tmp_path), "--name", "lrf",
+    ])
+    assert result.exit_code == 0, result.output
+    assert "valley" in result.output and (tmp_path / "lrf" / "lr_find.png").is_file()

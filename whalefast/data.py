@@ -165,7 +165,6 @@ def whale_dataloaders(
         num_workers=num_workers,
         pin_memory=cuda,
         device=device,
-        drop_last=False,
     )
     if seed is not None:
         for dl in dls.loaders:
