@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import imagehash
-import numpy as np
 import torch
 import torchvision.transforms as T
 from fastai.callback.core import Callback, CancelFitException

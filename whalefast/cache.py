@@ -13,7 +13,7 @@ from whalefast.io import atomic_path, load_square, write_csv
 
 
 class CachedImages:
-    """Read-only view of a decoded-image cache: `images[name]` or `images.row(i)` gives (size, size, 3) uint8."""
+    """Read-only view of a decoded-image cache: `images[name]` gives a (size, size, 3) uint8 array."""
 
     def __init__(self, data_path: str | os.PathLike, names: list[str], size: int, problems: dict[str, str] | None = None):
         self.data_path, self.size = str(data_path), size
@@ -36,9 +36,6 @@ class CachedImages:
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.array[self.index[name]]
-
-    def row(self, i: int) -> np.ndarray:
-        return self.array[i]
 
 
 def _decode_chunk(args: tuple[list[str], int]) -> tuple[np.ndarray, list[str]]:

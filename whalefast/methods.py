@@ -10,7 +10,7 @@ from fastai.metrics import Metric
 from torch import nn
 
 from whalefast import NEW_WHALE
-from whalefast.metrics import NEW_WHALE_TARGET, calibrate_threshold, map5, rank_with_new_whale, whale_metrics
+from whalefast.metrics import NEW_WHALE_TARGET, calibrate_threshold, rank_with_new_whale, whale_metrics
 from whalefast.models import build_model, get_arch
 
 

@@ -25,7 +25,7 @@ from whalefast.data import whale_dataloaders
 from whalefast.distributed import barrier, rank0_first
 from whalefast.errors import WhalefastError
 from whalefast.io import atomic_path, write_csv, write_text
-from whalefast.metrics import NEW_WHALE_TARGET, calibrate_threshold, map5, rank_with_new_whale, whale_metrics
+from whalefast.metrics import NEW_WHALE_TARGET, calibrate_threshold, map5, rank_with_new_whale
 from whalefast.models import build_learner, get_arch
 from whalefast.schedule import StepSchedule
 
