@@ -62,7 +62,10 @@ def review_sheet(results: list[dict], run_dir: str | os.PathLike, out: str | os.
                 ax.imshow(open_rgb(photo))
             else:
                 ax.text(0.5, 0.5, "no catalogue photo" if match["id"] != NEW_WHALE else "new whale?", ha="center", va="center")
-            ax.set_title(f"{match['id']}  {match['score']:.3f}", fontsize=8)
+            title = f"{match['id']}  {match['score']:.3f}"
+            if match["id"] == NEW_WHALE:  # its score is the calibrated threshold, not a similarity
+                title = f"new_whale (threshold {match['score']:.3f})"
+            ax.set_title(title, fontsize=8)
     fig.tight_layout()
     out = Path(out)
     with atomic_path(out) as tmp:
