@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+# A deprecation notice raised inside a dependency at import time; it says nothing to a whalefast user.
+warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
 
 from whalefast import __version__
 from whalefast.errors import WhalefastError
