@@ -133,3 +133,19 @@ def test_lr_find_command_prints_suggestions(tiny_data, tmp_path):
     ])
     assert result.exit_code == 0, result.output
     assert "valley" in result.output and (tmp_path / "lrf" / "lr_find.png").is_file()
+
+
+def test_freeze_epochs_train_only_the_head_first(tiny_data, tmp_path, monkeypatch):
+    from fastai.learner import Learner
+
+    trainable = []
+    original = Learner.fit
+
+    def spy(self, *args, **kwargs):
+        body = [p for m in self.model[0].modules() if not isinstance(m, nn.BatchNorm2d) for p in m.parameters(recurse=False)]
+        trainable.append(sum(p.requires_grad for p in body) / len(body))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Learner, "fit", spy)
+    fit(tiny_fit_config(tiny_data, tmp_path, size=32, epochs=1, freeze_epochs=1, milestones=()))
+    assert trainable == [0.0, 1.0]  # the body (batch-norm aside) is frozen for the first fit, then trained
