@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+import pandas as pd
+
+from whalefast.metrics import map5_labels
 from whalefast.prepare import PrepareConfig, prepare
 from whalefast.synth import SynthConfig, generate
 from whalefast.train import FitConfig, fit
@@ -29,6 +32,15 @@ def data_copy(tiny_data, tmp_path) -> Path:
     dst = tmp_path / "data"
     shutil.copytree(tiny_data, dst, ignore=shutil.ignore_patterns("prepared"))
     return dst
+
+
+def baseline_map5(data: Path) -> float:
+    """Validation MAP@5 of ranking "new_whale, then the 4 most frequent training ids" for every photo."""
+    split = pd.read_csv(data / "prepared" / "split.csv", keep_default_na=False)
+    valid = split[split.is_valid]
+    counts = split[~split.is_valid & (split.Id != "new_whale")].Id.value_counts()
+    ranking = ["new_whale"] + counts.index[:4].tolist()
+    return map5_labels([ranking] * len(valid), valid.target.tolist())
 
 
 def tiny_fit_config(data: Path, models: Path, **kw) -> FitConfig:
