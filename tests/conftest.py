@@ -19,10 +19,10 @@ TINY = SynthConfig(seed=1, whales=10, train_images=150, test_images=40)
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
-    """A prepared tiny synthetic dataset (read-only by convention; copy it to change it)."""
+    """A tiny synthetic dataset prepared with its fluke boxes (read-only by convention; copy it to change it)."""
     out = tmp_path_factory.mktemp("tiny") / "data"
     generate(out, TINY, workers=2)
-    prepare(out, cfg=PrepareConfig(valid_pct=0.3, seed=0), quiet=True)
+    prepare(out, cfg=PrepareConfig(valid_pct=0.3, seed=0, boxes=str(out / "boxes.csv")), quiet=True)
     return out
 
 
@@ -46,7 +46,7 @@ def baseline_map5(data: Path) -> float:
 def tiny_fit_config(data: Path, models: Path, **kw) -> FitConfig:
     """Settings for a fit that takes seconds on 2 CPU cores and still learns."""
     base = dict(
-        data=str(data), arch="efficientnet-lite0", pretrained=True, size=64, bs=32, epochs=6, lr=1e-3,
+        data=str(data), arch="efficientnet-lite0", pretrained=True, size=(48, 96), bs=32, epochs=6, lr=1e-3,
         milestones=(5,), schedule="step", opt="adam", min_samples=4, name="tiny", models_dir=str(models), seed=0,
     )
     base.update(kw)

@@ -40,7 +40,7 @@ def test_tiny_arcface_fit_learns(tiny_arcface, tiny_data):
     assert history.valid_loss.iloc[-1] < history.valid_loss.iloc[0]
     assert result["valid_map5"] > baseline_map5(tiny_data) + 0.05
     cat = load_catalogue(run_dir)
-    assert cat["embeddings"].shape[1] == 64 and len(cat["images"]) == cat["embeddings"].shape[0]
+    assert cat["embeddings"].shape[1] == 64 and len(cat["photos"]) == cat["embeddings"].shape[0]
 
 
 def test_catalogue_add_makes_a_new_whale_findable(tiny_arcface, tmp_path):
@@ -50,7 +50,7 @@ def test_catalogue_add_makes_a_new_whale_findable(tiny_arcface, tmp_path):
     shutil.copytree(tiny_arcface[0], run_dir)  # the session's model stays as it was
     template = fluke_template(seed=99, individual=12345)  # an individual the model never saw
     (tmp_path / "new").mkdir()
-    (tmp_path / "new" / "first.jpg").write_bytes(render_photo(template, 1))
+    (tmp_path / "new" / "first.jpg").write_bytes(render_photo(template, 1)[0])
     with Image.open(tmp_path / "new" / "first.jpg") as im:  # another photo of the same encounter: smaller, re-encoded
         im.resize((im.width * 4 // 5, im.height * 4 // 5)).save(tmp_path / "new" / "second.jpg", quality=80)
     pd.DataFrame({"Image": ["first.jpg"], "Id": ["w_newbie"]}).to_csv(tmp_path / "new.csv", index=False)

@@ -79,3 +79,21 @@ def test_batch_shape_type_and_range(tiny_data):
     assert y.dtype == torch.int64 and int(y.min()) >= 0 and int(y.max()) < len(dls.vocab)
     _, yv = dls.valid.one_batch()
     assert (yv == -100).any()  # unseen whales in validation carry the new_whale code
+
+
+def test_fluke_augment_flips_left_right_never_upside_down():
+    from fastai.torch_core import TensorImage
+
+    from whalefast.data import FlukeAugment
+
+    torch.manual_seed(0)
+    x = torch.zeros(200, 3, 32, 64)
+    x[:, :, :16, :32] = 1.0  # bright top-left quarter
+    out = FlukeAugment()(TensorImage(x), split_idx=0)
+    assert out.shape == x.shape
+    top, bottom = out[:, :, :16].mean((1, 2, 3)), out[:, :, 16:].mean((1, 2, 3))
+    left, right = out[..., :32].mean((1, 2, 3)), out[..., 32:].mean((1, 2, 3))
+    assert bool((top > bottom).all())  # never upside down
+    mirrored = float((right > left).float().mean())
+    assert 0.35 < mirrored < 0.65  # about half are mirror images
+    assert torch.equal(FlukeAugment()(TensorImage(x), split_idx=1), x)  # validation is left alone

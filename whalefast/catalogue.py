@@ -1,93 +1,185 @@
-"""The catalogue of an ArcFace model: embeddings of every known photo, growable without retraining."""
+"""The catalogue of an ArcFace model: one embedding per known photo, with its id, file and content digest.
+
+It grows without retraining (`catalogue add`): adding is idempotent per photo (a photo is known by
+the SHA-256 of its bytes, whatever its name or folder), and moving a photo to another id is an
+explicit, reported relabel.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from whalefast.errors import WhalefastError
-from whalefast.io import load_square, read_labels
+from whalefast.io import atomic_path, read_labels
+
+CATALOGUE_FILE = "catalogue.pt"
 
 
-def embed_with_flips(model, arrays, bs: int, device) -> torch.Tensor:
-    """Embeddings of each photo and of its horizontal flip (two catalogue entries per photo)."""
-    from whalefast.inference import run_model
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes: the identity of a photo in the catalogue."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
-    plain = run_model(model, arrays, bs=bs, tta=False, device=device)
-    flipped = run_model(model, [a[:, ::-1] for a in arrays], bs=bs, tta=False, device=device)
-    return torch.cat([plain, flipped]).cpu()
 
-
-def build_catalogue(cfg, model, images, rows: pd.DataFrame, device) -> dict:
-    """Embed the training photos in `rows` (Image, Id) from the image cache: the catalogue of a run."""
-    rows = rows[rows.Id.isin(cfg.vocab)]
-    arrays = [images[n] for n in rows.Image]
-    code = {v: i for i, v in enumerate(cfg.vocab)}
-    labels = torch.tensor([code[i] for i in rows.Id] * 2)
+def make_catalogue(embeddings: torch.Tensor, ids: list[str], labels: list[str], photos: list[str | os.PathLike]) -> dict:
+    """A catalogue of photos (one embedding each) labelled with ids; `ids` fixes the id order (more may follow)."""
+    order = list(dict.fromkeys(list(ids) + list(labels)))
+    code = {v: i for i, v in enumerate(order)}
     return {
-        "embeddings": embed_with_flips(model, arrays, cfg.bs, device),
-        "labels": labels,
-        "ids": list(cfg.vocab),
-        "images": list(rows.Image) * 2,
+        "embeddings": embeddings.float().cpu(),
+        "labels": torch.tensor([code[i] for i in labels], dtype=torch.long),
+        "ids": order,
+        "photos": [str(Path(p).resolve()) for p in photos],
+        "digests": [file_digest(p) for p in photos],
     }
 
 
 def catalogue_path(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / "catalogue.pt"
+    return Path(run_dir) / CATALOGUE_FILE
+
+
+def save_catalogue(catalogue: dict, path: str | os.PathLike) -> None:
+    """torch.save of plain tensors, lists and strings (loadable with weights_only=True), atomically."""
+    with atomic_path(path) as tmp:
+        torch.save(catalogue, tmp)
 
 
 def load_catalogue(run_dir: str | os.PathLike) -> dict:
+    """The saved catalogue of an arcface run, loaded without running any code from the file."""
+    from whalefast.train import load_config
+
+    cfg = load_config(run_dir)
+    if cfg.method != "arcface":
+        raise WhalefastError(f"{run_dir}: a {cfg.method} model has no catalogue; only arcface models (fit --method arcface) have one")
     path = catalogue_path(run_dir)
     if not path.is_file():
-        raise WhalefastError(f"{path}: not found; only arcface models have a catalogue")
-    return torch.load(path, map_location="cpu", weights_only=False)
+        raise WhalefastError(f"{path}: not found; did `whalefast fit --name {Path(run_dir).name}` finish?")
+    try:
+        catalogue = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged or foreign file
+        raise WhalefastError(f"{path}: not a whalefast catalogue ({type(e).__name__})") from None
+    if not isinstance(catalogue, dict) or "digests" not in catalogue:
+        raise WhalefastError(f"{path}: an older catalogue format; run `whalefast fit` again to rebuild it")
+    return catalogue
 
 
-def add_to_catalogue(run_dir: str | os.PathLike, csv: str | os.PathLike, images_dir: str | os.PathLike) -> dict:
+def photos_by_id(catalogue: dict) -> dict[str, list[str]]:
+    """Each id's catalogue photos (file paths), in catalogue order."""
+    out: dict[str, list[str]] = {}
+    for label, photo in zip(catalogue["labels"].tolist(), catalogue["photos"]):
+        out.setdefault(catalogue["ids"][label], []).append(photo)
+    return out
+
+
+@dataclass
+class AddPlan:
+    """What adding a CSV of photos changes: new photos, photos already there, relabels."""
+
+    new: list[tuple[str, str, str]] = field(default_factory=list)  # (photo path, id, digest)
+    unchanged: list[str] = field(default_factory=list)  # photo paths already catalogued under the same id
+    relabel: list[tuple[str, int, str, str]] = field(default_factory=list)  # (photo path, entry, old id, new id)
+
+
+def plan_additions(catalogue: dict, photos: list[tuple[Path, str]], source: str) -> AddPlan:
+    """Sort (photo path, id) pairs into new photos, photos already catalogued under that id, and relabels."""
+    entry_of = {d: i for i, d in enumerate(catalogue["digests"])}
+    plan, seen = AddPlan(), {}
+    for path, wid in photos:
+        digest = file_digest(path)
+        if digest in seen:
+            if seen[digest] != wid:
+                raise WhalefastError(f"{source}: {Path(path).name} is the same photo as another one listed, with another id ({seen[digest]} vs {wid})")
+            continue
+        seen[digest] = wid
+        if digest not in entry_of:
+            plan.new.append((str(path), wid, digest))
+            continue
+        entry = entry_of[digest]
+        old = catalogue["ids"][int(catalogue["labels"][entry])]
+        if old == wid:
+            plan.unchanged.append(str(path))
+        else:
+            plan.relabel.append((str(path), entry, old, wid))
+    return plan
+
+
+def add_to_catalogue(run_dir: str | os.PathLike, csv: str | os.PathLike, images_dir: str | os.PathLike, relabel: bool = False) -> dict:
     """Embed the photos listed in `csv` (Image,Id) from `images_dir` and add them, new ids included, to the saved catalogue."""
-    from whalefast.inference import load_model
-    from whalefast.io import atomic_path
-
-    model, cfg, _ = load_model(run_dir)
-    if cfg.method != "arcface":
-        raise WhalefastError(f"{run_dir}: a {cfg.method} model has no catalogue; train with --method arcface")
-    catalogue = load_catalogue(run_dir)
     rows = read_labels(csv)
     images_dir = Path(images_dir)
     missing = [n for n in rows.Image if not (images_dir / n).is_file()]
     if missing:
         raise WhalefastError(f"{images_dir / missing[0]}: image listed in {csv} not found")
+    return add_photos(run_dir, [(images_dir / n, i) for n, i in zip(rows.Image, rows.Id)], relabel, source=str(csv))
+
+
+def add_photos(run_dir: str | os.PathLike, photos: list[tuple[str | os.PathLike, str]], relabel: bool = False, source: str = "photos") -> dict:
+    """Add (photo path, id) pairs, new ids included, to a run's catalogue; returns what changed.
+
+    A photo already in the catalogue under the same id is left as it is; under another id it is an
+    error unless `relabel`, which moves it and reports the move.
+    """
+    from whalefast.inference import PhotoLoader, load_model, run_model
+
+    catalogue = load_catalogue(run_dir)
+    plan = plan_additions(catalogue, [(Path(p), i) for p, i in photos], source)
+    if plan.relabel and not relabel:
+        path, _, old, new = plan.relabel[0]
+        raise WhalefastError(
+            f"{source}: {Path(path).name} is already catalogued as {old}, not {new} ({len(plan.relabel)} such photos); "
+            "pass --relabel to move them to the new ids"
+        )
     arrays = []
-    for name in rows.Image:
-        try:
-            arrays.append(load_square(images_dir / name, cfg.size))
-        except Exception as e:  # noqa: BLE001
-            raise WhalefastError(f"{images_dir / name}: unreadable image ({type(e).__name__})") from None
+    if plan.new:
+        model, cfg, _ = load_model(run_dir)
+        loader = PhotoLoader(cfg)
+        for path, _, _ in plan.new:
+            array, problem = loader.load(path)
+            if problem:
+                raise WhalefastError(f"{path}: {problem}")
+            arrays.append(array)
     ids = list(catalogue["ids"])
-    new_ids = [i for i in dict.fromkeys(rows.Id) if i not in ids]
-    ids += new_ids
+    ids += [i for i in dict.fromkeys([w for _, w, _ in plan.new] + [n for _, _, _, n in plan.relabel]) if i not in ids]
     code = {v: i for i, v in enumerate(ids)}
-    device = next(model.parameters()).device
-    embeddings = embed_with_flips(model, arrays, cfg.bs, device)
-    catalogue = {
-        "embeddings": torch.cat([catalogue["embeddings"], embeddings]),
-        "labels": torch.cat([catalogue["labels"], torch.tensor([code[i] for i in rows.Id] * 2)]),
+    labels = catalogue["labels"].clone()
+    for _, entry, _, new in plan.relabel:
+        labels[entry] = code[new]
+    embeddings = catalogue["embeddings"]
+    if arrays:
+        added = run_model(model, arrays, bs=cfg.bs, tta=True, device=next(model.parameters()).device).cpu()
+        embeddings = torch.cat([embeddings, torch.nn.functional.normalize(added.float(), dim=1)])
+        labels = torch.cat([labels, torch.tensor([code[w] for _, w, _ in plan.new], dtype=torch.long)])
+    grown = {
+        "embeddings": embeddings,
+        "labels": labels,
         "ids": ids,
-        "images": list(catalogue["images"]) + list(rows.Image) * 2,
+        "photos": list(catalogue["photos"]) + [str(Path(p).resolve()) for p, _, _ in plan.new],
+        "digests": list(catalogue["digests"]) + [d for _, _, d in plan.new],
     }
-    with atomic_path(catalogue_path(run_dir)) as tmp:
-        torch.save(catalogue, tmp)
-    return {"added_photos": len(rows), "new_ids": len(new_ids), **summarise(catalogue)}
+    if plan.new or plan.relabel:
+        save_catalogue(grown, catalogue_path(run_dir))
+    return {
+        "added_photos": len(plan.new),
+        "unchanged_photos": len(plan.unchanged),
+        "relabelled": [{"photo": p, "from": old, "to": new} for p, _, old, new in plan.relabel],
+        "new_ids": len(ids) - len(catalogue["ids"]),
+        **summarise(grown),
+    }
 
 
 def summarise(catalogue: dict) -> dict:
     """Ids, photos and embedding size of a catalogue."""
     return {
-        "ids": len(catalogue["ids"]),
-        "photos": len(set(catalogue["images"])),
-        "entries": int(catalogue["embeddings"].shape[0]),
+        "ids": len(set(catalogue["labels"].tolist())),
+        "photos": int(catalogue["embeddings"].shape[0]),
         "embedding_dim": int(catalogue["embeddings"].shape[1]),
     }

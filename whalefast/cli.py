@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import Annotated, Optional
@@ -25,6 +25,8 @@ app = typer.Typer(
 )
 catalogue_app = typer.Typer(help="Grow or inspect an arcface model's catalogue without retraining.", no_args_is_help=True)
 app.add_typer(catalogue_app, name="catalogue")
+boxes_app = typer.Typer(help="Fluke bounding boxes: train a box regressor that prepare --boxes can crop with.", no_args_is_help=True)
+app.add_typer(boxes_app, name="boxes")
 
 DATA = "Data"
 MODEL = "Model"
@@ -51,7 +53,7 @@ def main(
 def _fail(e: WhalefastError):
     from whalefast.console import console
 
-    console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True, markup=True)
     raise typer.Exit(1)
 
 
@@ -63,7 +65,15 @@ def _run(fn, *args, **kwargs):
 
 
 def _print_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, indent=2) + "\n")
+    from whalefast.io import to_json
+
+    sys.stdout.write(to_json(obj) + "\n")
+
+
+def _given(ctx: typer.Context) -> dict:
+    """The options the user typed (not their defaults)."""
+    typed = ("COMMANDLINE", "ENVIRONMENT")  # by name: Typer ships its own copy of click's ParameterSource
+    return {k: v for k, v in ctx.params.items() if getattr(ctx.get_parameter_source(k), "name", "") in typed}
 
 
 @app.command()
@@ -74,7 +84,7 @@ def synth(
     train_images: Annotated[int, typer.Option(help="Training photos.")] = 2500,
     test_images: Annotated[int, typer.Option(help="Test photos.")] = 600,
 ):
-    """Generate a synthetic fluke dataset in the Kaggle layout (the embedded demo data)."""
+    """Generate a synthetic fluke dataset in the Kaggle layout (the embedded demo data), with its fluke boxes."""
     from whalefast.console import console
     from whalefast.synth import SynthConfig, generate
 
@@ -86,59 +96,99 @@ def synth(
 @app.command()
 def prepare(
     data: DataOpt = Path("data"),
-    out: Annotated[Optional[Path], typer.Option(help="Where to write results [default: DATA/prepared].", rich_help_panel=OUT)] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Where to write results.", show_default="DATA/prepared", rich_help_panel=OUT)] = None,
+    boxes: Annotated[
+        Optional[str],
+        typer.Option(help="Crop every photo to its fluke: a boxes CSV (Image,x0,y0,x1,y1) or a box model (a folder, or NAME in --models-dir).", show_default="no crop", rich_help_panel=DATA),
+    ] = None,
+    models_dir: ModelsDirOpt = Path("models"),
     max_distance: Annotated[int, typer.Option(help="Merge photos whose pHashes differ in at most this many bits (0: identical).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the validation split.")] = 42,
-    valid_pct: Annotated[float, typer.Option(help="Share of photos held out for validation, at most.")] = 0.2,
+    valid_pct: Annotated[float, typer.Option(help="Share of photos held out for validation, at most (each is one photo fewer to learn from).")] = 0.1,
     unseen_pct: Annotated[float, typer.Option(help="Share of validation photos that are unseen whales (scored as new_whale).")] = 0.3,
     min_samples: Annotated[int, typer.Option(help="Oversample ids with fewer training photos up to this count.")] = 10,
 ):
-    """Hash and deduplicate the photos, match test to train, and make an honest validation split."""
+    """Hash and deduplicate the photos, match test to train, make an honest validation split, and choose fluke crops."""
     from whalefast.prepare import PrepareConfig
     from whalefast.prepare import prepare as run
 
-    _run(run, data, out, PrepareConfig(max_distance, seed, valid_pct, unseen_pct, min_samples))
+    cfg = PrepareConfig(max_distance, seed, valid_pct, unseen_pct, min_samples, boxes=boxes, models_dir=str(models_dir))
+    _run(run, data, out, cfg)
+
+
+def _with_recipe(ctx: typer.Context, options: dict) -> dict:
+    """`options` with the values of --recipe filled in wherever the user typed nothing."""
+    from whalefast.recipes import recipe
+
+    typed = _given(ctx)
+    chosen = recipe(options.get("recipe", "reference"))
+    return {**options, **{k: v for k, v in chosen.items() if k in options and k not in typed}}
 
 
 def _fit_config(**kw):
+    from whalefast.data import prepare_settings
+    from whalefast.io import as_size
     from whalefast.train import FitConfig
 
-    kw["milestones"] = tuple(int(m) for m in kw["milestones"].split(",") if m.strip())
-    kw["name"] = kw["name"] or kw["arch"]
+    text = kw["milestones"].strip()
+    try:
+        kw["milestones"] = tuple(int(m) for m in text.split(",")) if text else ()
+    except ValueError:
+        raise WhalefastError(f"--milestones must be comma-separated epoch numbers (e.g. 16,19), got {text!r}") from None
+    kw["size"] = as_size(kw["size"])
+    kw["name"] = kw["name"] or (kw["arch"] if kw.get("recipe", "reference") == "reference" else kw["recipe"])
     for key in ("data", "models_dir"):
         kw[key] = str(kw[key])
     if kw.get("min_samples") is None:
-        prepared = Path(kw["data"]) / "prepared" / "prepare.json"
-        kw["min_samples"] = json.loads(prepared.read_text()).get("min_samples", 10) if prepared.exists() else 10
+        kw["min_samples"] = prepare_settings(Path(kw["data"]) / "prepared").get("min_samples", 10)
     return FitConfig(**kw)
 
 
-ArchOpt = Annotated[str, typer.Option(help="resnet18/34/50/101/152, whale-resnet or efficientnet-lite0.", rich_help_panel=MODEL)]
+def _arch_help() -> str:
+    from whalefast.models import ARCHS
+
+    return "Backbone: " + ", ".join(ARCHS) + "."
+
+
+def _recipe_help() -> str:
+    from whalefast.recipes import RECIPES
+
+    return f"Settings that belong together ({', '.join(RECIPES)}); options you type override them. flukes: the real-photo recipe."
+
+
+RecipeOpt = Annotated[str, typer.Option(help=_recipe_help(), rich_help_panel=MODEL)]
+ArchOpt = Annotated[str, typer.Option(help=_arch_help(), rich_help_panel=MODEL)]
 MethodOpt = Annotated[str, typer.Option(help="softmax (classifier) or arcface (embeddings + nearest catalogue photo).", rich_help_panel=MODEL)]
 EpochsOpt = Annotated[int, typer.Option(help="Epochs.", rich_help_panel=TRAIN)]
 BsOpt = Annotated[int, typer.Option(help="Batch size.", rich_help_panel=TRAIN)]
 LrOpt = Annotated[float, typer.Option(help="Base learning rate.", rich_help_panel=TRAIN)]
-MilestonesOpt = Annotated[str, typer.Option(help="Epochs after which lr is multiplied by gamma.", rich_help_panel=TRAIN)]
+MilestonesOpt = Annotated[str, typer.Option(help="Epochs after which lr is multiplied by gamma (step schedule).", rich_help_panel=TRAIN)]
 GammaOpt = Annotated[float, typer.Option(help="lr factor at each milestone.", rich_help_panel=TRAIN)]
 OptOpt = Annotated[str, typer.Option(help="sgd (the reference: momentum 0.9, L2 1e-4) or adam (fastai's default).", rich_help_panel=TRAIN)]
 ScheduleOpt = Annotated[str, typer.Option(help="step (the reference) or one-cycle (fastai).", rich_help_panel=TRAIN)]
 FreezeOpt = Annotated[int, typer.Option(help="Epochs training only the head first (pretrained models).", rich_help_panel=TRAIN)]
-SizeOpt = Annotated[int, typer.Option(help="Image size in pixels.", rich_help_panel=DATA)]
+SizeOpt = Annotated[str, typer.Option(help="Input size in pixels: N (square) or HEIGHTxWIDTH, e.g. 128x256 for aspect-true flukes.", rich_help_panel=DATA)]
 PretrainedOpt = Annotated[bool, typer.Option(help="Start from ImageNet weights.", rich_help_panel=MODEL)]
-NameOpt = Annotated[Optional[str], typer.Option(help="Run name: models/NAME/ [default: the arch].", rich_help_panel=OUT)]
+NameOpt = Annotated[Optional[str], typer.Option(help="Run name: models/NAME/.", show_default="the recipe, or the arch for reference", rich_help_panel=OUT)]
 SeedOpt = Annotated[int, typer.Option(help="Random seed.", rich_help_panel=TRAIN)]
-MinSamplesOpt = Annotated[Optional[int], typer.Option(help="Oversample rarer ids to this count [default: prepare's].", rich_help_panel=DATA)]
+MinSamplesOpt = Annotated[Optional[int], typer.Option(help="Oversample rarer ids to this count.", show_default="prepare's --min-samples", rich_help_panel=DATA)]
 NewWhaleOpt = Annotated[bool, typer.Option(help="Train new_whale as a class (the reference) instead of a threshold.", rich_help_panel=MODEL)]
 EmbedOpt = Annotated[int, typer.Option(help="Embedding size (arcface).", rich_help_panel=MODEL)]
 MarginOpt = Annotated[float, typer.Option(help="Additive angular margin in radians (arcface).", rich_help_panel=MODEL)]
 ScaleOpt = Annotated[float, typer.Option(help="Logit scale (arcface).", rich_help_panel=MODEL)]
-WorkersOpt = Annotated[Optional[int], typer.Option(help="DataLoader workers [default: 0 on CPU, up to 8 on GPU].", rich_help_panel=TRAIN)]
+SubCentersOpt = Annotated[int, typer.Option(help="Sub-centres per id (arcface; 1: plain ArcFace).", rich_help_panel=MODEL)]
+AugmentOpt = Annotated[str, typer.Option(help="reference (random horizontal and vertical flips) or fluke (flip, small rotation, zoom, shift, shear, light).", rich_help_panel=TRAIN)]
+GreyOpt = Annotated[bool, typer.Option(help="Train and match on greyscale, so colour and greyscale photos look alike.", rich_help_panel=DATA)]
+HeadLrOpt = Annotated[float, typer.Option(help="The head (and ArcFace's class centres) learns this many times faster than the body.", rich_help_panel=TRAIN)]
+WorkersOpt = Annotated[Optional[int], typer.Option(help="DataLoader workers.", show_default="0 on CPU, up to 8 on GPU", rich_help_panel=TRAIN)]
 CompileOpt = Annotated[bool, typer.Option(help="torch.compile the model.", rich_help_panel=TRAIN)]
 
 
 @app.command()
 def fit(
+    ctx: typer.Context,
     data: DataOpt = Path("data"),
+    recipe: RecipeOpt = "reference",
     arch: ArchOpt = "resnet50",
     method: MethodOpt = "softmax",
     epochs: EpochsOpt = 20,
@@ -149,7 +199,7 @@ def fit(
     schedule: ScheduleOpt = "step",
     opt: OptOpt = "sgd",
     freeze_epochs: FreezeOpt = 0,
-    size: SizeOpt = 224,
+    size: SizeOpt = "224",
     pretrained: PretrainedOpt = True,
     name: NameOpt = None,
     models_dir: ModelsDirOpt = Path("models"),
@@ -159,25 +209,46 @@ def fit(
     embed_dim: EmbedOpt = 512,
     margin: MarginOpt = 0.3,
     scale: ScaleOpt = 30.0,
+    sub_centers: SubCentersOpt = 1,
+    augment: AugmentOpt = "reference",
+    head_lr_mult: HeadLrOpt = 1.0,
+    grey: GreyOpt = False,
     num_workers: WorkersOpt = None,
     compile: CompileOpt = False,
-    resume: Annotated[bool, typer.Option(help="Continue the interrupted run NAME from its last completed epoch.", rich_help_panel=TRAIN)] = False,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted run NAME from its last completed epoch, with its saved settings.", rich_help_panel=TRAIN)] = False,
     distributed: Annotated[bool, typer.Option(help="Train data-parallel in the processes `accelerate launch` started.", rich_help_panel=TRAIN)] = False,
 ):
     """Train a model (defaults: the reference recipe, ResNet-50 at 224 px, SGD 0.01 -> x0.1 after epochs 16 and 19)."""
+    from whalefast.console import console
+    from whalefast.train import check_resume, load_config
     from whalefast.train import fit as run
 
-    cfg = _run(_fit_config, **{k: v for k, v in locals().items() if k not in ("resume", "distributed", "run")})
-    _run(run, cfg, resume, distributed)
+    options = _run(_with_recipe, ctx, {k: v for k, v in ctx.params.items() if k not in ("resume", "distributed")})
+    cfg = _run(_fit_config, **options)
+    if resume:
+        typed = {k: getattr(cfg, k) for k in _given(ctx) if k in options and k not in ("name", "models_dir")}
+        _run(check_resume, _run(load_config, cfg.run_dir), typed)
+    started = time.time()
+    try:
+        _run(run, cfg, resume, distributed)
+    except KeyboardInterrupt:
+        last = cfg.run_dir / "last.pth"
+        if last.is_file() and last.stat().st_mtime >= started:
+            console.print(f"interrupted; continue with: whalefast fit --name {cfg.name} --models-dir {cfg.models_dir} --resume")
+        else:
+            console.print("interrupted before the first epoch ended; nothing was saved")
+        raise typer.Exit(130)
 
 
 @app.command("lr-find")
 def lr_find(
+    ctx: typer.Context,
     data: DataOpt = Path("data"),
+    recipe: RecipeOpt = "reference",
     arch: ArchOpt = "resnet50",
     method: MethodOpt = "softmax",
     bs: BsOpt = 128,
-    size: SizeOpt = 224,
+    size: SizeOpt = "224",
     pretrained: PretrainedOpt = True,
     name: NameOpt = None,
     models_dir: ModelsDirOpt = Path("models"),
@@ -187,12 +258,12 @@ def lr_find(
     num_workers: WorkersOpt = None,
 ):
     """Run fastai's learning-rate finder; print the suggestions and save the plot as PNG (weights unchanged)."""
-    from whalefast.console import console, table
+    from whalefast.console import console, results, table
     from whalefast.train import lr_find as run
 
-    cfg = _run(_fit_config, milestones="", **{k: v for k, v in locals().items() if k not in ("run", "console", "table")})
+    cfg = _run(_fit_config, milestones="", **_run(_with_recipe, ctx, dict(ctx.params)))
     result = _run(run, cfg)
-    console.print(table("Suggested learning rates", ["rule", "lr"], [[k, f"{v:.2e}"] for k, v in result["suggestions"].items()]))
+    results.print(table("Suggested learning rates", ["rule", "lr"], [[k, f"{v:.2e}"] for k, v in result["suggestions"].items()]))
     console.print(f"plot saved to [bold]{result['plot']}[/bold]")
 
 
@@ -208,11 +279,11 @@ def submit(
     tta: Annotated[bool, typer.Option(help="Average with the horizontally flipped photo.")] = True,
 ):
     """Write a Kaggle submission (Image,Id with five ids) for every photo in test/."""
-    from whalefast.console import console, table
+    from whalefast.console import results, table
     from whalefast.submit import submit as run
 
     s = _run(run, data, models_dir / model, out, tta)
-    console.print(
+    results.print(
         table(
             f"Submission written to {s['out']}",
             ["", "value"],
@@ -228,26 +299,32 @@ def submit(
 
 @app.command()
 def predict(
-    images: Annotated[list[Path], typer.Argument(help="Photos to identify.")],
+    images: Annotated[list[Path], typer.Argument(help="Photos to identify, or folders of photos.")],
     model: ModelOpt = "resnet50",
     models_dir: ModelsDirOpt = Path("models"),
     top: Annotated[int, typer.Option(help="How many ids per photo.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     sheet: Annotated[Optional[Path], typer.Option(help="Save a review sheet PNG: each photo beside a catalogue photo of each match.")] = None,
 ):
-    """Rank the most likely whale ids for photos."""
-    from whalefast.console import console, table
+    """Rank the most likely whale ids for photos; unreadable photos are skipped and listed."""
+    from whalefast.console import console, results, table
     from whalefast.predict import predict as run
     from whalefast.predict import review_sheet
 
-    results = _run(run, images, models_dir / model, top)
+    found = _run(run, images, models_dir / model, top)
+    failed = [r for r in found if "error" in r]
     if as_json:
-        _print_json(results)
+        _print_json(found)
     else:
-        for r in results:
-            console.print(table(r["image"], ["rank", "id", "score"], [[k + 1, m["id"], f"{m['score']:.4f}"] for k, m in enumerate(r["matches"])]))
+        for r in found:
+            if "matches" in r:
+                results.print(table(r["image"], ["rank", "id", "score"], [[k + 1, m["id"], f"{m['score']:.4f}"] for k, m in enumerate(r["matches"])]))
+    for r in failed:
+        console.print(f"[yellow]skipped {r['image']}: {r['error']}[/yellow]", highlight=False)
+    if len(failed) == len(found):
+        _fail(WhalefastError(f"none of the {len(found)} photos could be read"))
     if sheet:
-        path = _run(review_sheet, results, models_dir / model, sheet)
+        path = _run(review_sheet, found, models_dir / model, sheet)
         console.print(f"review sheet saved to [bold]{path}[/bold]")
 
 
@@ -255,14 +332,14 @@ def predict(
 def evaluate(
     submission: Annotated[Path, typer.Argument(help="Submission CSV (Image,Id).")],
     answers: Annotated[Path, typer.Argument(help="Ground truth CSV (Image,Id).")],
-    train: Annotated[Optional[Path], typer.Option(help="train.csv whose ids are valid [default: beside ANSWERS].")] = None,
+    train: Annotated[Optional[Path], typer.Option(help="train.csv whose ids are valid.", show_default="train.csv beside ANSWERS")] = None,
 ):
     """Score a submission: MAP@5 with its catalogued / new_whale breakdown."""
-    from whalefast.console import console, table
+    from whalefast.console import results, table
     from whalefast.evaluate import evaluate as run
 
     r = _run(run, submission, answers, train)
-    console.print(
+    results.print(
         table(
             f"Evaluation of {submission}",
             ["", "value"],
@@ -282,13 +359,48 @@ def evaluate(
 def demo(
     data: Annotated[Path, typer.Option("--data", help="Where the demo dataset lives (generated if absent).")] = Path("data/demo"),
     models_dir: ModelsDirOpt = Path("models"),
-    method: MethodOpt = "softmax",
-    epochs: EpochsOpt = 3,
+    method: MethodOpt = "arcface",
+    epochs: EpochsOpt = 6,
 ):
-    """The main job on the embedded demo data: synth, prepare, fit, submit, evaluate; prints validation and test MAP@5."""
+    """The main job on the embedded demo data: synth, prepare with fluke crops, fit, submit, evaluate; prints validation and test MAP@5."""
     from whalefast.demo import run_demo
 
     _run(run_demo, data, models_dir, method=method, epochs=epochs)
+
+
+@boxes_app.command("fit")
+def boxes_fit(
+    boxes: Annotated[Path, typer.Option(help="Boxes CSV: Image,x0,y0,x1,y1 in pixels of photos in train/ or test/.", rich_help_panel=DATA)],
+    data: DataOpt = Path("data"),
+    arch: ArchOpt = "efficientnet-lite0",
+    size: Annotated[int, typer.Option(help="Square input size in pixels (the whole photo, squashed).", rich_help_panel=DATA)] = 96,
+    epochs: EpochsOpt = 4,
+    bs: BsOpt = 32,
+    lr: LrOpt = 5e-4,
+    valid_pct: Annotated[float, typer.Option(help="Share of boxed photos held out to measure IoU.", rich_help_panel=DATA)] = 0.1,
+    pretrained: PretrainedOpt = True,
+    seed: SeedOpt = 42,
+    name: Annotated[str, typer.Option(help="Run name: models/NAME/.", rich_help_panel=OUT)] = "boxes",
+    models_dir: ModelsDirOpt = Path("models"),
+):
+    """Train a fluke box regressor (Adam one-cycle; flips, zooms and shifts move the box with the photo) and report held-out IoU."""
+    from whalefast.boxes import BoxConfig, fit_boxes
+    from whalefast.console import results, table
+
+    cfg = BoxConfig(str(data), str(boxes), arch, size, epochs, bs, lr, valid_pct, seed, pretrained, name, str(models_dir))
+    r = _run(fit_boxes, cfg)
+    results.print(
+        table(
+            f"Box model saved to {r['run_dir']}",
+            ["held-out photos", str(r["valid_photos"])],
+            [
+                ["mean IoU", f"{r['iou_mean']:.3f}"],
+                ["median IoU", f"{r['iou_median']:.3f}"],
+                ["IoU >= 0.5", f"{r['iou_at_least_0.5']:.1%}"],
+                ["IoU >= 0.75", f"{r['iou_at_least_0.75']:.1%}"],
+            ],
+        )
+    )
 
 
 @catalogue_app.command("add")
@@ -296,21 +408,41 @@ def catalogue_add(
     model: ModelOpt,
     csv: Annotated[Path, typer.Option(help="Image,Id rows of the photos to add.")],
     images: Annotated[Path, typer.Option(help="Folder holding those photos.")],
+    relabel: Annotated[bool, typer.Option(help="Move photos already catalogued under another id to the CSV's id.")] = False,
     models_dir: ModelsDirOpt = Path("models"),
 ):
-    """Add newly identified photos (new whales or known ones) to an arcface model's catalogue."""
+    """Add newly identified photos (new whales or known ones) to an arcface model's catalogue; photos already there are left alone."""
     from whalefast.catalogue import add_to_catalogue
-    from whalefast.console import console
+    from whalefast.console import results
 
-    r = _run(add_to_catalogue, models_dir / model, csv, images)
-    console.print(f"added {r['added_photos']} photos ({r['new_ids']} new ids); catalogue now holds {r['ids']} ids, {r['photos']} photos")
+    r = _run(add_to_catalogue, models_dir / model, csv, images, relabel)
+    for move in r["relabelled"]:
+        results.print(f"relabelled {move['photo']}: {move['from']} -> {move['to']}", highlight=False)
+    results.print(
+        f"added {r['added_photos']} photos ({r['new_ids']} new ids), {r['unchanged_photos']} already catalogued, "
+        f"{len(r['relabelled'])} relabelled; catalogue now holds {r['ids']} ids, {r['photos']} photos",
+        highlight=False,
+    )
 
 
 @catalogue_app.command("show")
 def catalogue_show(model: ModelOpt, models_dir: ModelsDirOpt = Path("models")):
     """Summarise an arcface model's catalogue: ids, photos, embedding size."""
     from whalefast.catalogue import load_catalogue, summarise
-    from whalefast.console import console, table
+    from whalefast.console import results, table
 
     s = summarise(_run(load_catalogue, models_dir / model))
-    console.print(table(f"Catalogue of {model}", ["", "value"], [[k, v] for k, v in s.items()]))
+    results.print(table(f"Catalogue of {model}", ["", "value"], [[k, v] for k, v in s.items()]))
+
+
+@app.command()
+def serve(
+    model: ModelOpt,
+    models_dir: ModelsDirOpt = Path("models"),
+    host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 keeps the app to this machine (see the README before exposing it).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+):
+    """Start the match-review web app: query photos beside their best candidates, decisions logged beside the model."""
+    from whalefast.serve import serve as run
+
+    _run(run, models_dir / model, host, port)

@@ -8,7 +8,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # progress and logs; long lines stay whole in a log file
+results = Console(soft_wrap=True)  # what a command answers: tables a user may redirect to a file
 
 
 @contextlib.contextmanager

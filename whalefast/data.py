@@ -14,12 +14,14 @@ from fastai.data.core import TfmdDL
 from fastai.data.transforms import IntToFloatTensor, Normalize
 from fastai.torch_core import TensorCategory, TensorImage
 from fastai.vision.core import imagenet_stats
+from fastcore.basics import store_attr
 from fasttransform import DisplayedTransform, Transform
 
 from whalefast import NEW_WHALE
 from whalefast.cache import CachedImages, build_cache
 from whalefast.console import progress_bar
 from whalefast.errors import WhalefastError
+from whalefast.io import Box, Size, as_size, size_text
 from whalefast.metrics import NEW_WHALE_TARGET
 from whalefast.split import oversampling_splitter
 
@@ -63,7 +65,7 @@ class IdEncoder(DisplayedTransform):
 
 
 class CacheReader(Transform):
-    """Image name -> (3, size, size) uint8 TensorImage from the decoded-image cache."""
+    """Image name -> (3, height, width) uint8 TensorImage from the decoded-image cache."""
 
     def __init__(self, images: CachedImages):
         self.images = images
@@ -77,7 +79,8 @@ def rotate_and_crop(x: torch.Tensor, max_degrees: float = 15.0, max_zoom: float 
     angle = math.radians(float(torch.empty(1).uniform_(-max_degrees, max_degrees)))
     zoom = float(torch.empty(1).uniform_(1.0, max_zoom))  # crop the central 1/zoom of the photo
     cos, sin = math.cos(angle) / zoom, math.sin(angle) / zoom
-    theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=torch.float32)[None]
+    aspect = x.shape[-1] / x.shape[-2]  # width / height: grid coordinates run -1..1 both ways, pixels do not
+    theta = torch.tensor([[cos, -sin / aspect, 0.0], [sin * aspect, cos, 0.0]], dtype=torch.float32)[None]
     img = x.float()[None]
     grid = F.affine_grid(theta, list(img.shape), align_corners=False)
     out = F.grid_sample(img, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
@@ -115,32 +118,92 @@ class RandomFlips(Transform):
         return torch.where(v, x.flip(2), x)
 
 
-def image_cache(data: Path, prepared: Path, folder: str, names: list[str], size: int) -> CachedImages:
-    """The decoded-image cache for `names` in `data/folder`, building what is missing with a progress bar."""
-    cache_dir = prepared / "cache"
-    with progress_bar(f"caching {folder}/ at {size}px", len(names)) as advance:
-        return build_cache(data / folder, names, cache_dir, size, progress=advance)
+class FlukeAugment(Transform):
+    """What changes between two photos of one fluke, per image on the batch's device (training only).
+
+    A horizontal flip, a small rotation, zoom, shift and shear (rotation aspect-true on rectangular
+    input), and brightness and contrast; no vertical flip, which no camera produces.
+    """
+
+    split_idx, order = 0, 20  # after IntToFloatTensor (0..1 floats), before Normalize
+
+    def __init__(self, degrees: float = 10.0, zoom=(0.9, 1.15), shift: float = 0.08, shear: float = 0.1, light: float = 0.3):
+        store_attr()
+
+    def encodes(self, x: TensorImage):
+        n, device = x.shape[0], x.device
+        u = lambda lo, hi: torch.empty(n, device=device).uniform_(lo, hi)  # noqa: E731
+        angle, scale = torch.deg2rad(u(-self.degrees, self.degrees)), 1 / u(*self.zoom)
+        aspect = x.shape[-1] / x.shape[-2]
+        flip = torch.where(torch.rand(n, device=device) < 0.5, -1.0, 1.0)
+        cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
+        theta = torch.stack(
+            [
+                torch.stack([cos * flip, -sin / aspect + u(-self.shear, self.shear), u(-self.shift, self.shift)], 1),
+                torch.stack([sin * aspect * flip, cos, u(-self.shift, self.shift)], 1),
+            ],
+            1,
+        )
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        contrast, brightness = u(1 - self.light, 1 + self.light)[:, None, None, None], u(-self.light, self.light)[:, None, None, None] * 0.225
+        return ((out - 0.45) * contrast + 0.45 + brightness).as_subclass(type(x))
+
+
+AUGMENTS = ("reference", "fluke")
+
+
+def prepared_boxes(prepared: Path, folder: str) -> dict[str, Box] | None:
+    """The fluke boxes prepare chose for the photos of `folder` (None when prepare ran without --boxes)."""
+    path = Path(prepared) / "boxes.csv"
+    if not path.is_file():
+        return None
+    boxes = pd.read_csv(path, dtype={"Image": str, "Folder": str}, keep_default_na=False)
+    boxes = boxes[boxes.Folder == folder]
+    return {r.Image: (r.x0, r.y0, r.x1, r.y1) for r in boxes.itertuples(index=False)}
+
+
+def image_cache(data: Path, prepared: Path, folder: str, names: list[str], size: Size, crop: bool | None = None, grey: bool = False) -> CachedImages:
+    """The decoded-image cache for `names` in `data/folder`, cropped to prepare's fluke boxes if it chose any.
+
+    `crop` says what the model expects: a model trained on crops needs prepare's boxes, one trained on
+    whole photos gets whole photos.
+    """
+    size, boxes = as_size(size), prepared_boxes(prepared, folder)
+    if crop is not None:
+        if crop and boxes is None:
+            raise WhalefastError(f"{Path(prepared) / 'boxes.csv'}: not found; this model was trained on fluke crops, run `whalefast prepare --boxes ...` again")
+        boxes = boxes if crop else None
+    label = f"caching {folder}/ at {size_text(size)}px{' (fluke crops)' if boxes is not None else ''}{' grey' if grey else ''}"
+    with progress_bar(label, len(names)) as advance:
+        return build_cache(Path(data) / folder, names, Path(prepared) / "cache", size, boxes=boxes, grey=grey, progress=advance)
 
 
 def whale_dataloaders(
     data: str | os.PathLike,
     prepared: str | os.PathLike | None = None,
-    size: int = 224,
+    size: Size | int = 224,
     bs: int = 128,
     min_samples: int = 10,
     train_new_whale: bool = False,
+    augment: str = "reference",
+    grey: bool = False,
     num_workers: int | None = None,
     device: torch.device | None = None,
     seed: int | None = None,
 ):
-    """DataLoaders for training: oversampled train split, untouched validation, GPU-side flips and ImageNet normalisation."""
+    """DataLoaders for training: oversampled train split, untouched validation, batch-side augmentation and ImageNet normalisation.
+
+    `augment` is "reference" (random horizontal and vertical flips) or "fluke" (see FlukeAugment).
+    """
     data = Path(data)
     prepared = Path(prepared) if prepared else data / "prepared"
     split = load_split(prepared)
     items, vocab = training_items(split, train_new_whale)
     if not vocab:
         raise WhalefastError(f"{prepared / 'split.csv'}: no training ids left; is the dataset too small?")
-    images = image_cache(data, prepared, "train", items.Image.tolist(), size)
+    size = as_size(size)
+    images = image_cache(data, prepared, "train", items.Image.tolist(), size, grey=grey)
     splitter = oversampling_splitter(min_samples=min_samples)
     n_originals = int((~items.is_valid).sum())
     block = DataBlock(
@@ -151,7 +214,7 @@ def whale_dataloaders(
         get_x=lambda r: r["Image"],
         get_y=lambda r: r["label"],
         splitter=splitter,
-        batch_tfms=[RandomFlips(), Normalize.from_stats(*imagenet_stats)],
+        batch_tfms=[RandomFlips() if augment == "reference" else FlukeAugment(), Normalize.from_stats(*imagenet_stats)],
         n_inp=1,
     )
     cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
@@ -171,4 +234,14 @@ def whale_dataloaders(
             dl.rng.seed(seed)
     dls.vocab = vocab
     dls.items = items
+    dls.crop = prepared_boxes(prepared, "train") is not None
+    dls.box_model = prepare_settings(prepared).get("box_model")
     return dls
+
+
+def prepare_settings(prepared: str | os.PathLike) -> dict:
+    """prepare.json of a prepared folder ({} if absent)."""
+    import json
+
+    path = Path(prepared) / "prepare.json"
+    return json.loads(path.read_text()) if path.is_file() else {}

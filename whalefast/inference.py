@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from fastai.vision.core import imagenet_stats
 from torch import nn
 
+from whalefast.console import console
 from whalefast.errors import WhalefastError
+from whalefast.io import load_image
 from whalefast.train import FitConfig, load_config
 
 
@@ -46,7 +48,7 @@ def _normalise(batch: np.ndarray, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def run_model(model: nn.Module, arrays, bs: int = 64, tta: bool = True, device: torch.device | None = None, progress=None) -> torch.Tensor:
-    """Model outputs for a sequence of (size, size, 3) uint8 arrays; with `tta`, averaged with the horizontal flip."""
+    """Model outputs for a sequence of (height, width, 3) uint8 arrays; with `tta`, averaged with the horizontal flip."""
     device = device or next(model.parameters()).device
     outputs = []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -60,6 +62,44 @@ def run_model(model: nn.Module, arrays, bs: int = 64, tta: bool = True, device: 
         if progress:
             progress(len(x))
     return torch.cat(outputs) if outputs else torch.zeros(0)
+
+
+class PhotoLoader:
+    """Loads new photos as a run expects them: at its size, cropped to the fluke by its box model if it has one."""
+
+    def __init__(self, cfg: FitConfig):
+        self.cfg, self._boxes = cfg, None
+        self.warned = False
+
+    def box(self, path: Path):
+        """The fluke box of a photo, in its pixels, as the run's box model sees it."""
+        from whalefast.boxes import load_box_model, photo_size, predict_fractions
+
+        if self._boxes is None:
+            self._boxes = load_box_model(self.cfg.box_model)
+        model, box_cfg = self._boxes
+        whole = load_image(path, (box_cfg.size, box_cfg.size))
+        fx0, fy0, fx1, fy1 = predict_fractions(model, [whole], next(model.parameters()).device)[0].tolist()
+        w, h = photo_size(path)
+        return fx0 * w, fy0 * h, fx1 * w, fy1 * h
+
+    def load(self, path: str | os.PathLike) -> tuple[np.ndarray | None, str]:
+        """(array, "") for a readable photo, (None, why) otherwise."""
+        path = Path(path)
+        if not path.is_file():
+            return None, "file not found"
+        try:
+            box = None
+            if self.cfg.box_model:
+                box = self.box(path)
+            elif self.cfg.crop and not self.warned:
+                self.warned = True
+                console.print("[yellow]this model was trained on fluke crops from a boxes file and has no box model; new photos are used whole[/yellow]")
+            return load_image(path, self.cfg.size, box, grey=self.cfg.grey), ""
+        except WhalefastError:
+            raise
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
+            return None, f"unreadable image ({type(e).__name__})"
 
 
 def softmax_scores(logits: torch.Tensor) -> torch.Tensor:
@@ -81,7 +121,7 @@ class Scorer:
         self.ids = list(self.catalogue["ids"] if self.catalogue else self.cfg.vocab)
 
     def scores(self, arrays, tta: bool = True, progress=None) -> torch.Tensor:
-        """(N, number of ids) scores for (size, size, 3) uint8 arrays."""
+        """(N, number of ids) scores for (height, width, 3) uint8 arrays."""
         outputs = run_model(self.model, arrays, bs=self.cfg.bs, tta=tta, device=self.device, progress=progress)
         if self.catalogue is None:
             return softmax_scores(outputs).cpu()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import re
-import tempfile
+import secrets
 import warnings
 from pathlib import Path
 
@@ -24,9 +26,13 @@ def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    while True:  # not mkstemp: its files are 0600, and outputs must honour the user's umask like any new file
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
         yield tmp
         os.replace(tmp, path)
@@ -46,6 +52,27 @@ def write_text(text: str, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def finite_or_none(obj):
+    """`obj` with every NaN or infinite float replaced by None, recursively (JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
+def to_json(obj) -> str:
+    """Strict JSON text of `obj` (non-finite numbers become null), indented."""
+    return json.dumps(finite_or_none(obj), indent=2, allow_nan=False)
+
+
+def write_json(obj, path: str | os.PathLike) -> Path:
+    """Write `obj` as strict JSON to `path` atomically."""
+    return write_text(to_json(obj) + "\n", path)
 
 
 def read_csv_file(path: Path) -> pd.DataFrame:
@@ -104,6 +131,36 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+Size = tuple[int, int]  # (height, width) in pixels
+Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels of the upright photo
+BOX_MARGIN = 0.1  # a crop keeps this share of the box's width and height on each side, so no fluke tip is cut
+
+
+def parse_size(text: str | int, option: str = "--size") -> Size:
+    """'224' -> (224, 224); '128x256' -> (128, 256) (height x width); a one-line error otherwise."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", str(text))
+    if not match:
+        raise WhalefastError(f"{option} must be N or HEIGHTxWIDTH in pixels (e.g. 224 or 128x256), got {text!r}")
+    h = int(match.group(1))
+    w = int(match.group(2) or h)
+    if min(h, w) < 16:
+        raise WhalefastError(f"{option} must be at least 16 pixels each way, got {text!r}")
+    return h, w
+
+
+def as_size(value) -> Size:
+    """A size given as an int (square), 'HxW' text or a (height, width) pair, as (height, width)."""
+    if isinstance(value, (list, tuple)):
+        return int(value[0]), int(value[1])
+    return parse_size(value)
+
+
+def size_text(size) -> str:
+    """(128, 256) -> '128x256'; (224, 224) -> '224'."""
+    h, w = as_size(size)
+    return str(h) if h == w else f"{h}x{w}"
+
+
 def open_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
     """Open an image as 8-bit RGB (see `to_rgb`); `draft_size` lets libjpeg decode a large JPEG at a reduced scale."""
     with warnings.catch_warnings():
@@ -115,7 +172,43 @@ def open_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Im
             return to_rgb(im)
 
 
-def load_square(path: str | os.PathLike, size: int) -> np.ndarray:
-    """The image as a (size, size, 3) uint8 array: the whole photo squashed to a square, so no fluke tip is cut."""
-    im = open_rgb(path, draft_size=size * 2)
-    return np.asarray(im.resize((size, size), Image.BILINEAR, reducing_gap=2.0), dtype=np.uint8)
+def _upright_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) of `im` once its EXIF orientation is applied."""
+    w, h = im.size
+    return (h, w) if im.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)
+
+
+def widen_box(box: Box, width: int, height: int, margin: float = BOX_MARGIN) -> Box:
+    """`box` grown by `margin` of its size on each side, clipped to a width x height photo."""
+    x0, y0, x1, y1 = box
+    mx, my = (x1 - x0) * margin, (y1 - y0) * margin
+    return max(0.0, x0 - mx), max(0.0, y0 - my), min(float(width), x1 + mx), min(float(height), y1 + my)
+
+
+def load_image(path: str | os.PathLike, size: Size, box: Box | None = None, margin: float = BOX_MARGIN, grey: bool = False) -> np.ndarray:
+    """The photo, or its fluke `box` widened by `margin`, resized to size = (height, width): a (height, width, 3) uint8 array.
+
+    With `grey`, colour photos are turned grey (three equal channels), like the greyscale ones.
+    """
+    h, w = size
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with Image.open(path) as im:
+            full_w, full_h = _upright_size(im)
+            if box is not None:
+                box = widen_box(box, full_w, full_h, margin)
+                if box[2] - box[0] < 1 or box[3] - box[1] < 1:
+                    box = None  # a box outside the photo: use the whole photo
+            if im.format == "JPEG":  # let libjpeg decode at a reduced scale that still leaves 2x the pixels needed
+                fx = 1.0 if box is None else (box[2] - box[0]) / full_w
+                fy = 1.0 if box is None else (box[3] - box[1]) / full_h
+                want = int(2 * max(w / fx, h / fy))
+                im.draft(im.mode, (want, want))
+            im.load()
+            rgb = to_rgb(im)
+    if grey:
+        rgb = rgb.convert("L").convert("RGB")
+    if box is not None:
+        scale = rgb.width / full_w
+        rgb = rgb.crop(tuple(round(v * scale) for v in box))
+    return np.asarray(rgb.resize((w, h), Image.BILINEAR, reducing_gap=2.0), dtype=np.uint8)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from fastai.callback.core import Callback
-from fastai.layers import AdaptiveConcatPool2d, Flatten
 from fastai.metrics import Metric
 from torch import nn
 
@@ -14,18 +15,32 @@ from whalefast.metrics import NEW_WHALE_TARGET, calibrate_threshold, rank_with_n
 from whalefast.models import build_model, get_arch
 
 
-class EmbeddingHead(nn.Module):
-    """Pooling, batch-norm and a linear map to `embed_dim`; the ArcFace class centres live here too, so the optimiser trains them."""
+class GeM(nn.Module):
+    """Generalised-mean pooling with a learnt exponent (3 to start: between average and max pooling)."""
 
-    def __init__(self, features: int, embed_dim: int, n_classes: int, margin: float, scale: float):
+    def __init__(self, p: float = 3.0, eps: float = 1e-6):
         super().__init__()
-        from pytorch_metric_learning.losses import ArcFaceLoss
+        self.p, self.eps = nn.Parameter(torch.tensor(p)), eps
 
-        self.embed = nn.Sequential(
-            AdaptiveConcatPool2d(), Flatten(), nn.BatchNorm1d(2 * features), nn.Dropout(0.2), nn.Linear(2 * features, embed_dim), nn.BatchNorm1d(embed_dim)
-        )
+    def forward(self, x):
+        x = x.float().clamp(min=self.eps).pow(self.p)
+        return x.mean(dim=(2, 3)).pow(1.0 / self.p)
+
+
+class EmbeddingHead(nn.Module):
+    """GeM pooling and a linear map to `embed_dim` with batch-norm; the ArcFace class centres live here too, so the optimiser trains them."""
+
+    def __init__(self, features: int, embed_dim: int, n_classes: int, margin: float, scale: float, sub_centers: int = 1):
+        super().__init__()
+        from pytorch_metric_learning.losses import ArcFaceLoss, SubCenterArcFaceLoss
+
+        self.embed = nn.Sequential(GeM(), nn.Linear(features, embed_dim), nn.BatchNorm1d(embed_dim))
         # pytorch-metric-learning takes the margin in degrees.
-        self.arcface = ArcFaceLoss(num_classes=n_classes, embedding_size=embed_dim, margin=float(torch.rad2deg(torch.tensor(margin))), scale=scale)
+        degrees = float(torch.rad2deg(torch.tensor(margin)))
+        if sub_centers > 1:
+            self.arcface = SubCenterArcFaceLoss(num_classes=n_classes, embedding_size=embed_dim, margin=degrees, scale=scale, sub_centers=sub_centers)
+        else:
+            self.arcface = ArcFaceLoss(num_classes=n_classes, embedding_size=embed_dim, margin=degrees, scale=scale)
 
     def forward(self, x):
         return F.normalize(self.embed(x).float(), dim=1)
@@ -121,22 +136,27 @@ def method_parts(cfg, dls):
 
         new_whale_class = dls.vocab.index(NEW_WHALE) if NEW_WHALE in dls.vocab else None
         return None, MaskedCrossEntropy(), whale_metrics(new_whale_class), []
-    head = EmbeddingHead(get_arch(cfg.arch).features, cfg.embed_dim, len(dls.vocab), cfg.margin, cfg.scale)
+    head = embedding_head(cfg, len(dls.vocab))
     embedder = CatalogueEmbedder(bs=cfg.bs)
     metrics = [CatalogueMAP5(embedder, len(dls.vocab)), CatalogueMAP5(embedder, len(dls.vocab), top1=True)]
     return head, ArcFaceCriterion(head), metrics, [embedder]
 
 
+def embedding_head(cfg, n_classes: int) -> EmbeddingHead:
+    return EmbeddingHead(get_arch(cfg.arch).features, cfg.embed_dim, n_classes, cfg.margin, cfg.scale, cfg.sub_centers)
+
+
 def inference_model(cfg) -> nn.Module:
     """The run's network, uninitialised, in the layout its checkpoint was saved from."""
-    head = None
-    if cfg.method == "arcface":
-        head = EmbeddingHead(get_arch(cfg.arch).features, cfg.embed_dim, len(cfg.vocab), cfg.margin, cfg.scale)
+    head = embedding_head(cfg, len(cfg.vocab)) if cfg.method == "arcface" else None
     return build_model(cfg.arch, len(cfg.vocab), head=head)
 
 
 def validation_scores(cfg, learn):
-    """(id scores, targets, valid loss, arcface catalogue or None) on the validation set with the learner's current weights, ranked as submit ranks."""
+    """(id scores, targets, valid loss) on the validation set with the learner's current weights, ranked as submit ranks.
+
+    An arcface model ranks against a catalogue of the training photos alone, so no validation photo finds itself.
+    """
     from whalefast.inference import run_model
 
     valid_loss = float(learn.validate()[0])
@@ -149,9 +169,25 @@ def validation_scores(cfg, learn):
     model = learn.model.eval()
     outputs = run_model(model, [images[n] for n in valid.Image], bs=cfg.bs, tta=True, device=learn.dls.device)
     if cfg.method == "softmax":
-        return F.softmax(outputs, dim=1).cpu(), targets, valid_loss, None
-    from whalefast.catalogue import build_catalogue
+        return F.softmax(outputs, dim=1).cpu(), targets, valid_loss
+    train = items[~items.is_valid & items.Id.isin(encoder)]
+    embeddings = run_model(model, [images[n] for n in train.Image], bs=cfg.bs, tta=True, device=learn.dls.device)
+    labels = torch.tensor([encoder[i] for i in train.Id], device=embeddings.device)
+    return cosine_id_scores(outputs, embeddings, labels, len(cfg.vocab)).cpu(), targets, valid_loss
 
-    catalogue = build_catalogue(cfg, model, images, items[~items.is_valid], device=learn.dls.device)
-    scores = cosine_id_scores(outputs, catalogue["embeddings"].to(outputs.device), catalogue["labels"].to(outputs.device), len(cfg.vocab))
-    return scores.cpu(), targets, valid_loss, catalogue
+
+def final_catalogue(cfg, learn) -> dict:
+    """The catalogue saved with an arcface run: every labelled clean photo, the validation ones included.
+
+    Validation has done its job (threshold, best epoch) by now; a whale whose only photos were held out
+    for validation must still be findable by submit and predict.
+    """
+    from whalefast.catalogue import make_catalogue
+    from whalefast.inference import run_model
+
+    items = learn.dls.items
+    known = items[items.Id != NEW_WHALE]
+    images = catalogue_images(learn.dls)
+    embeddings = run_model(learn.model.eval(), [images[n] for n in known.Image], bs=cfg.bs, tta=True, device=learn.dls.device)
+    photos = [Path(cfg.data) / "train" / n for n in known.Image]
+    return make_catalogue(F.normalize(embeddings.float(), dim=1), cfg.vocab, known.Id.tolist(), photos)

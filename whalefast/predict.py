@@ -9,31 +9,51 @@ import pandas as pd
 
 from whalefast import NEW_WHALE
 from whalefast.errors import WhalefastError
-from whalefast.inference import Scorer
-from whalefast.io import atomic_path, load_square, open_rgb
+from whalefast.inference import PhotoLoader, Scorer
+from whalefast.io import atomic_path, list_images, open_rgb
+
+
+def expand_photos(paths: list[str | os.PathLike]) -> list[Path]:
+    """Photos named directly, plus the image files inside any folder named (sorted)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        out.extend(p / n for n in list_images(p)) if p.is_dir() else out.append(p)
+    return out
 
 
 def predict(images: list[str | os.PathLike], run_dir: str | os.PathLike, top: int = 5, tta: bool = True) -> list[dict]:
-    """For each photo, its `top` most likely ids with scores (new_whale placed by the calibrated threshold)."""
+    """For each photo (or each photo in a folder), its `top` ids with scores; unreadable photos get an "error" instead.
+
+    new_whale is placed by the calibrated threshold.
+    """
+    if top < 1:
+        raise WhalefastError(f"--top must be at least 1, got {top}")
+    photos = expand_photos(images)
+    if not photos:
+        raise WhalefastError(f"no photos in {', '.join(map(str, images))}")
     scorer = Scorer(run_dir)
-    arrays = []
-    for path in images:
-        path = Path(path)
-        if not path.is_file():
-            raise WhalefastError(f"{path}: file not found")
-        try:
-            arrays.append(load_square(path, scorer.cfg.size))
-        except Exception as e:  # noqa: BLE001 - PIL raises many types for bad files
-            raise WhalefastError(f"{path}: unreadable image ({type(e).__name__})") from None
-    ranked = scorer.rank(scorer.scores(arrays, tta=tta), k=top)
-    return [{"image": str(p), "matches": [{"id": i, "score": round(s, 4)} for i, s in r]} for p, r in zip(images, ranked)]
+    loader = PhotoLoader(scorer.cfg)
+    loaded = [(p, *loader.load(p)) for p in photos]
+    readable = [(p, a) for p, a, problem in loaded if not problem]
+    ranked = iter(scorer.rank(scorer.scores([a for _, a in readable], tta=tta), k=top)) if readable else iter(())
+    results = []
+    for path, _, problem in loaded:
+        if problem:
+            results.append({"image": str(path), "error": problem})
+        else:
+            results.append({"image": str(path), "matches": [{"id": i, "score": round(s, 4)} for i, s in next(ranked)]})
+    return results
 
 
 def example_photos(run_dir: str | os.PathLike) -> dict[str, Path]:
-    """One catalogue photo per id, from the training data the run was fitted on."""
+    """One known photo per id: from the catalogue of an arcface run, else from the training data."""
     from whalefast.train import load_config
 
     cfg = load_config(run_dir)
+    if cfg.method == "arcface":
+        from whalefast.catalogue import load_catalogue, photos_by_id
+
+        return {i: Path(photos[0]) for i, photos in photos_by_id(load_catalogue(run_dir)).items()}
     data = Path(cfg.data)
     clean = cfg.prepared_dir / "train_clean.csv"
     labels = pd.read_csv(clean if clean.exists() else data / "train.csv", dtype=str, keep_default_na=False)
@@ -48,6 +68,9 @@ def review_sheet(results: list[dict], run_dir: str | os.PathLike, out: str | os.
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results = [r for r in results if "matches" in r]
+    if not results:
+        raise WhalefastError("no readable photos to show on a review sheet")
     examples = example_photos(run_dir)
     cols = 1 + max(len(r["matches"]) for r in results)
     fig, axes = plt.subplots(len(results), cols, figsize=(2.6 * cols, 2.0 * len(results)), squeeze=False)
@@ -60,8 +83,10 @@ def review_sheet(results: list[dict], run_dir: str | os.PathLike, out: str | os.
             photo = examples.get(match["id"])
             if photo is not None and photo.is_file():
                 ax.imshow(open_rgb(photo))
+            elif match["id"] == NEW_WHALE:
+                ax.text(0.5, 0.5, "new whale?", ha="center", va="center")
             else:
-                ax.text(0.5, 0.5, "no catalogue photo" if match["id"] != NEW_WHALE else "new whale?", ha="center", va="center")
+                ax.text(0.5, 0.5, "photo not found" if photo is not None else "no catalogue photo", ha="center", va="center")
             title = f"{match['id']}  {match['score']:.3f}"
             if match["id"] == NEW_WHALE:  # its score is the calibrated threshold, not a similarity
                 title = f"new_whale (threshold {match['score']:.3f})"

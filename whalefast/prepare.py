@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ from whalefast import NEW_WHALE
 from whalefast.console import console, progress_bar, table
 from whalefast.dedup import HASH_COLUMNS, dedup, hash_images, match_test
 from whalefast.errors import WhalefastError
-from whalefast.io import list_images, read_labels, write_csv, write_text
+from whalefast.io import list_images, read_labels, write_csv, write_json
 from whalefast.split import make_split
 
 
@@ -23,9 +22,11 @@ class PrepareConfig:
 
     max_distance: int = 0
     seed: int = 42
-    valid_pct: float = 0.2
+    valid_pct: float = 0.1
     unseen_pct: float = 0.3
     min_samples: int = 10
+    boxes: str | None = None  # a boxes CSV or a box model (folder, or NAME in models_dir): crop photos to their flukes
+    models_dir: str = "models"
 
 
 def default_out(data: str | os.PathLike) -> Path:
@@ -81,7 +82,16 @@ def prepare(data: str | os.PathLike, out: str | os.PathLike | None = None, cfg: 
     write_csv(matches, out / "test_matches.csv")
     split = make_split(clean, cfg.valid_pct, cfg.unseen_pct, cfg.seed, cfg.max_distance)
     write_csv(split, out / "split.csv")
-    write_text(json.dumps(asdict(cfg), indent=2), out / "prepare.json")
+    settings = asdict(cfg)
+    boxes_path = out / "boxes.csv"
+    if cfg.boxes:
+        readable = {"train": train_h.loc[train_h.problem == ""], "test": test_ok}
+        boxes, settings["box_model"] = choose_boxes(cfg.boxes, Path(cfg.models_dir), data, readable, out / "cache")
+        write_csv(boxes, boxes_path)
+    else:
+        boxes = None
+        boxes_path.unlink(missing_ok=True)  # whalefast's own output from an earlier run with --boxes: no crops now
+    write_json(settings, out / "prepare.json")
 
     valid = split[split.is_valid]
     summary = {
@@ -97,11 +107,53 @@ def prepare(data: str | os.PathLike, out: str | os.PathLike | None = None, cfg: 
         "train_images": int((~split.is_valid).sum()),
         "valid_images": len(valid),
         "valid_new_whale": int((valid.target == NEW_WHALE).sum()),
+        "boxed": {} if boxes is None else boxes.groupby("Folder").size().to_dict(),
+        "unboxed": 0 if boxes is None else len(train_h) + len(test_h) - len(skipped) - len(boxes),
         "out": str(out),
     }
     if not quiet:
         show_summary(summary, skipped)
     return summary
+
+
+def resolve_box_source(source: str, models_dir: Path) -> tuple[str, Path]:
+    """("file", path) for a boxes CSV, ("model", folder) for a box model given as a folder or a NAME in models_dir."""
+    path = Path(source)
+    if path.is_file():
+        return "file", path
+    for folder in (path, models_dir / source):
+        if (folder / "config.json").is_file():
+            return "model", folder
+    raise WhalefastError(f"--boxes {source}: neither a boxes CSV nor a box model folder (nor a run in {models_dir})")
+
+
+def choose_boxes(source: str, models_dir: Path, data: Path, photos: dict[str, pd.DataFrame], cache_dir: Path) -> tuple[pd.DataFrame, str | None]:
+    """The box of every readable photo (Image, Folder, x0, y0, x1, y1, source) and the box model used, if any.
+
+    `photos` maps a folder to its hashes (Image, width, height); a box must lie within its photo.
+    """
+    from whalefast.boxes import BOX_COLUMNS, load_box_model, predict_boxes, read_boxes
+
+    kind, path = resolve_box_source(source, models_dir)
+    parts = []
+    if kind == "file":
+        given = read_boxes(path).set_index("Image")
+        for folder, hashed in photos.items():
+            rows = hashed[hashed.Image.isin(given.index)][["Image", "width", "height"]].join(given, on="Image")
+            outside = rows[(rows.x1 > rows.width * 1.02 + 1) | (rows.y1 > rows.height * 1.02 + 1)]
+            if len(outside):
+                r = outside.iloc[0]
+                raise WhalefastError(
+                    f"{path}: the box of {r.Image} ({r.x0:g},{r.y0:g},{r.x1:g},{r.y1:g}) lies outside its {r.width}x{r.height} photo; "
+                    "boxes must be in pixels of the photos in this data folder"
+                )
+            parts.append(rows[["Image", *BOX_COLUMNS]].assign(Folder=folder))
+    else:
+        load_box_model(path)  # a one-line error now if it is not a box model
+        for folder, hashed in photos.items():
+            parts.append(predict_boxes(path, data / folder, hashed.Image.tolist(), cache_dir).assign(Folder=folder))
+    boxes = pd.concat(parts, ignore_index=True)[["Image", "Folder", *BOX_COLUMNS]].assign(source=kind)
+    return boxes, str(path.resolve()) if kind == "model" else None
 
 
 def show_summary(s: dict, skipped: pd.DataFrame) -> None:
@@ -136,6 +188,11 @@ def show_summary(s: dict, skipped: pd.DataFrame) -> None:
             ],
         )
     )
+    if s["boxed"]:
+        console.print(
+            f"fluke crops: {s['boxed'].get('train', 0)} train and {s['boxed'].get('test', 0)} test photos have a box"
+            + (f"; [yellow]{s['unboxed']} have none and are used whole[/yellow]" if s["unboxed"] else "")
+        )
     if len(skipped):
         console.print(f"[yellow]skipped {len(skipped)} unreadable or missing images (see skipped.csv):[/yellow]")
         for r in skipped.head(10).itertuples(index=False):

@@ -7,11 +7,14 @@ from fastcore.basics import store_attr
 
 
 class StepSchedule(Callback):
-    """Set lr = base_lr * gamma ** (milestones passed) at the start of every epoch (torch's MultiStepLR)."""
+    """Set lr = base_lr * gamma ** (milestones passed) at the start of every epoch (torch's MultiStepLR).
+
+    With `head_lr_mult`, the head's parameter group gets that many times the body's lr.
+    """
 
     order = 5
 
-    def __init__(self, base_lr: float = 0.01, milestones: tuple[int, ...] = (16, 19), gamma: float = 0.1):
+    def __init__(self, base_lr: float = 0.01, milestones: tuple[int, ...] = (16, 19), gamma: float = 0.1, head_lr_mult: float = 1.0):
         store_attr()
         self.lrs: list[float] = []
 
@@ -23,5 +26,5 @@ class StepSchedule(Callback):
 
     def before_epoch(self):
         lr = self.lr_at(self.epoch)
-        self.opt.set_hyper("lr", lr)
+        self.opt.set_hyper("lr", lr if self.head_lr_mult == 1 else slice(lr, lr * self.head_lr_mult))
         self.lrs.append(lr)

@@ -57,7 +57,7 @@ def submit(
     prepared = Path(prepared) if prepared else data / "prepared"
     names = test_images(data)
     scorer = Scorer(run_dir)
-    images = image_cache(data, prepared, "test", names, scorer.cfg.size)
+    images = image_cache(data, prepared, "test", names, scorer.cfg.size, crop=scorer.cfg.crop, grey=scorer.cfg.grey)
     unreadable = [n for n in names if n in images.problems]
     readable = [n for n in names if n not in images.problems]
     with progress_bar("predicting test/", len(readable)) as advance:

@@ -153,8 +153,8 @@ def _perspective_coeffs(src: list[tuple[float, float]], dst: list[tuple[float, f
     return np.linalg.solve(np.array(a, dtype=float), np.array(b, dtype=float)).tolist()
 
 
-def render_photo(template: Image.Image, seed: int) -> bytes:
-    """One JPEG of `template` with its own pose, light, sea, splash, blur, size and quality."""
+def render_photo(template: Image.Image, seed: int) -> tuple[bytes, tuple[float, float, float, float]]:
+    """One JPEG of `template` with its own pose, light, sea, splash, blur, size and quality, and the fluke's box (x0, y0, x1, y1)."""
     rng = np.random.default_rng(seed)
     width = int(rng.uniform(300, 1100))
     height = int(width * rng.uniform(0.38, 0.75))
@@ -176,10 +176,13 @@ def render_photo(template: Image.Image, seed: int) -> bytes:
         waves.line([x, y, x + length, y + rng.uniform(-4, 4)], fill=tone, width=int(rng.integers(1, 4)))
 
     # Scale, rotation, shift and a mild perspective, as one warp of the template onto the canvas.
-    scale = rng.uniform(0.55, 0.9) * width / TEMPLATE_W
+    # Far or near, anywhere in the frame (as in real photos): what a fluke box and a crop are for.
+    span = rng.uniform(0.3, 0.9)  # the fluke's width as a share of the photo's
+    scale = span * width / TEMPLATE_W
     angle = math.radians(rng.uniform(-12, 12))
-    cx = width / 2 + rng.uniform(-0.1, 0.1) * width
-    cy = height / 2 + rng.uniform(-0.15, 0.1) * height
+    room_x, room_y = (1 - span) * width / 2, max(0.0, height - span * width * TEMPLATE_H / TEMPLATE_W) / 2
+    cx = width / 2 + rng.uniform(-0.9, 0.9) * room_x
+    cy = height / 2 + rng.uniform(-0.9, 0.9) * room_y
     cos, sin = math.cos(angle) * scale, math.sin(angle) * scale
     corners = [(0, 0), (TEMPLATE_W, 0), (TEMPLATE_W, TEMPLATE_H), (0, TEMPLATE_H)]
     jitter = 0.05 * TEMPLATE_W
@@ -190,10 +193,14 @@ def render_photo(template: Image.Image, seed: int) -> bytes:
     xs, ys = [p[0] for p in placed], [p[1] for p in placed]
     x0, y0 = int(max(0, min(xs))), int(max(0, min(ys)))
     x1, y1 = int(min(width, max(xs) + 1)), int(min(height, max(ys) + 1))
+    box = (0.0, 0.0, float(width), float(height))
     if x1 > x0 and y1 > y0:
         local = [(x - x0, y - y0) for x, y in placed]
         fluke = template.transform((x1 - x0, y1 - y0), Image.PERSPECTIVE, _perspective_coeffs(corners, local), Image.BILINEAR)
         background.paste(fluke, (x0, y0), fluke)
+        visible = fluke.getchannel("A").point(lambda a: 255 if a > 127 else 0).getbbox()
+        if visible:
+            box = (float(x0 + visible[0]), float(y0 + visible[1]), float(x0 + visible[2]), float(y0 + visible[3]))
 
     if rng.random() < 0.5:  # splash partly hiding the fluke, drawn and blurred at quarter size
         sw, sh = max(1, width // 4), max(1, height // 4)
@@ -217,32 +224,38 @@ def render_photo(template: Image.Image, seed: int) -> bytes:
         photo = photo.convert("L")
     buffer = io.BytesIO()
     photo.save(buffer, format="JPEG", quality=int(rng.integers(60, 96)))
-    return buffer.getvalue()
+    return buffer.getvalue(), box
 
 
-def _render_chunk(args: tuple[int, list[Photo], str]) -> int:
+def _render_chunk(args: tuple[int, list[Photo], str]) -> list[tuple[str, tuple]]:
     seed, photos, folder = args
     templates: dict[int, Image.Image] = {}
+    boxes = []
     for photo in photos:
         if photo.individual not in templates:
             templates[photo.individual] = fluke_template(seed, photo.individual)
-        Path(folder, photo.name).write_bytes(render_photo(templates[photo.individual], photo.seed))
-    return len(photos)
+        jpeg, box = render_photo(templates[photo.individual], photo.seed)
+        Path(folder, photo.name).write_bytes(jpeg)
+        boxes.append((photo.name, box))
+    return boxes
 
 
-def _near_duplicate(data: bytes, rng: np.random.Generator) -> tuple[bytes, str]:
-    """A re-encoded or resized copy of a JPEG, or the same bytes."""
+def _near_duplicate(data: bytes, rng: np.random.Generator) -> tuple[bytes, str, float]:
+    """A re-encoded or resized copy of a JPEG, or the same bytes; with the copy's scale."""
     kind = rng.choice(["exact", "reencoded", "resized"])
     if kind == "exact":
-        return data, "exact"
+        return data, "exact", 1.0
     with Image.open(io.BytesIO(data)) as im:
         im.load()
+        scale = 1.0
         if kind == "resized":
             factor = rng.uniform(0.6, 0.9)
-            im = im.resize((max(8, int(im.width * factor)), max(8, int(im.height * factor))), Image.BILINEAR)
+            width = max(8, int(im.width * factor))
+            scale = width / im.width
+            im = im.resize((width, max(8, int(im.height * factor))), Image.BILINEAR)
         buffer = io.BytesIO()
         im.save(buffer, format="JPEG", quality=int(rng.integers(70, 96)))
-    return buffer.getvalue(), str(kind)
+    return buffer.getvalue(), str(kind), scale
 
 
 def _name(rng: np.random.Generator, used: set[str]) -> str:
@@ -327,7 +340,7 @@ def check_output_folder(out: Path) -> None:
 
 
 def generate(out: str | os.PathLike, cfg: SynthConfig = SynthConfig(), workers: int | None = None) -> Path:
-    """Write a synthetic dataset in the Kaggle layout to `out` (plus test_answers.csv and planted_duplicates.csv)."""
+    """Write a synthetic dataset in the Kaggle layout to `out` (plus test_answers.csv, planted_duplicates.csv and the flukes' boxes.csv)."""
     out = Path(out)
     check_output_folder(out)
     if cfg.whales < 1 or cfg.test_images < 4:
@@ -344,19 +357,19 @@ def generate(out: str | os.PathLike, cfg: SynthConfig = SynthConfig(), workers: 
     for photo, split in jobs:
         by_individual.setdefault((photo.individual % (workers * 4), split), []).append(photo)
     chunks = [(cfg.seed, photos, str(staging / split)) for (_, split), photos in sorted(by_individual.items())]
+    boxes: dict[str, tuple] = {}
     with ProcessPoolExecutor(workers) as pool, progress_bar("rendering photos", len(jobs)) as advance:
         for done in pool.map(_render_chunk, chunks):
-            advance(done)
+            boxes.update(done)
+            advance(len(done))
 
     records = []
-    for copy_name, orig_name, _, dup_seed in plan["duplicates"]:
-        data, kind = _near_duplicate((staging / "train" / orig_name).read_bytes(), np.random.default_rng(dup_seed))
-        (staging / "train" / copy_name).write_bytes(data)
-        records.append((copy_name, orig_name, "train", kind))
-    for copy_name, orig_name, _, dup_seed in plan["test_duplicates"]:
-        data, kind = _near_duplicate((staging / "train" / orig_name).read_bytes(), np.random.default_rng(dup_seed))
-        (staging / "test" / copy_name).write_bytes(data)
-        records.append((copy_name, orig_name, "test", kind))
+    for split, copies in (("train", plan["duplicates"]), ("test", plan["test_duplicates"])):
+        for copy_name, orig_name, _, dup_seed in copies:
+            data, kind, scale = _near_duplicate((staging / "train" / orig_name).read_bytes(), np.random.default_rng(dup_seed))
+            (staging / split / copy_name).write_bytes(data)
+            boxes[copy_name] = tuple(v * scale for v in boxes[orig_name])
+            records.append((copy_name, orig_name, split, kind))
 
     train_rows = [(p.name, label) for p, label in plan["train"]] + [(c, lab) for c, _, lab, _ in plan["duplicates"]]
     train_df = pd.DataFrame(sorted(train_rows), columns=["Image", "Id"])
@@ -369,6 +382,8 @@ def generate(out: str | os.PathLike, cfg: SynthConfig = SynthConfig(), workers: 
     write_csv(answers_df, staging / "test_answers.csv")
     write_csv(sample, staging / "sample_submission.csv")
     write_csv(pd.DataFrame(records, columns=["Image", "Original", "Split", "Kind"]), staging / "planted_duplicates.csv")
+    box_rows = [(name, *(round(v, 2) for v in box)) for name, box in sorted(boxes.items())]
+    write_csv(pd.DataFrame(box_rows, columns=["Image", "x0", "y0", "x1", "y1"]), staging / "boxes.csv")
     for item in sorted(staging.iterdir()):
         os.replace(item, out / item.name)
     staging.rmdir()

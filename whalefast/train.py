@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -18,13 +20,14 @@ from fastai.callback.core import Callback
 from fastai.learner import Learner
 from fastai.optimizer import SGD, Adam
 from fastai.torch_core import rank_distrib, set_seed
+from fastcore.foundation import L
 from torch import nn
 
-from whalefast.console import console
-from whalefast.data import whale_dataloaders
+from whalefast.console import console, results
+from whalefast.data import AUGMENTS, whale_dataloaders
 from whalefast.distributed import barrier, rank0_first
 from whalefast.errors import WhalefastError
-from whalefast.io import atomic_path, write_csv, write_text
+from whalefast.io import as_size, atomic_path, size_text, write_csv, write_json
 from whalefast.metrics import NEW_WHALE_TARGET, calibrate_threshold, map5, rank_with_new_whale
 from whalefast.models import build_learner, get_arch
 from whalefast.schedule import StepSchedule
@@ -36,6 +39,7 @@ class FitConfig:
 
     data: str = "data"
     prepared: str | None = None
+    recipe: str = "reference"
     arch: str = "resnet50"
     method: str = "softmax"
     epochs: int = 20
@@ -48,7 +52,7 @@ class FitConfig:
     momentum: float = 0.9
     wd: float = 1e-4
     freeze_epochs: int = 0
-    size: int = 224
+    size: tuple[int, int] = (224, 224)  # (height, width)
     pretrained: bool = True
     min_samples: int = 10
     train_new_whale: bool = False
@@ -58,9 +62,19 @@ class FitConfig:
     embed_dim: int = 512
     margin: float = 0.3
     scale: float = 30.0
+    sub_centers: int = 1
+    augment: str = "reference"  # or "fluke": see whalefast.data.FlukeAugment
+    head_lr_mult: float = 1.0  # the head (and ArcFace's class centres) learns this many times faster than the body
+    grey: bool = False  # train and match on greyscale: colour and greyscale photos then look alike
     num_workers: int | None = None
     compile: bool = False
+    crop: bool = False  # trained on fluke crops (prepare --boxes)
+    box_model: str | None = None  # the box model that crops new photos, when prepare used one
     vocab: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.size = as_size(self.size)
+        self.milestones = tuple(int(m) for m in self.milestones)
 
     @property
     def run_dir(self) -> Path:
@@ -71,13 +85,25 @@ class FitConfig:
         return Path(self.prepared) if self.prepared else Path(self.data) / "prepared"
 
 
+def check_run_dir(run_dir: str | os.PathLike) -> Path:
+    """`run_dir` if it exists, else a one-line error listing the runs beside it."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        parent = run_dir.parent
+        runs = sorted(p.name for p in parent.iterdir() if (p / "config.json").is_file()) if parent.is_dir() else []
+        found = f"runs in {parent}: {', '.join(runs)}" if runs else f"no runs in {parent}"
+        raise WhalefastError(f"{run_dir}: no such model ({found})")
+    return run_dir
+
+
 def load_config(run_dir: str | os.PathLike) -> FitConfig:
     """The FitConfig saved in `run_dir`."""
-    path = Path(run_dir) / "config.json"
+    path = check_run_dir(run_dir) / "config.json"
     if not path.is_file():
         raise WhalefastError(f"{path}: not found; is {Path(run_dir).name} a trained model?")
     raw = json.loads(path.read_text())
-    raw["milestones"] = tuple(raw.get("milestones", ()))
+    if raw.get("kind", "whales") != "whales":
+        raise WhalefastError(f"{run_dir}: a {raw['kind']} model, not a whale model")
     known = FitConfig.__dataclass_fields__
     return FitConfig(**{k: v for k, v in raw.items() if k in known})
 
@@ -105,6 +131,29 @@ class MaskedCrossEntropy(nn.Module):
 def sgd_like_torch(params, lr, mom=0.9, wd=1e-4):
     """fastai's SGD with L2 weight decay added to the gradient, i.e. exactly torch.optim.SGD(momentum, weight_decay)."""
     return SGD(params, lr=lr, mom=mom, wd=wd, decouple_wd=False)
+
+
+class StopOnNonFiniteLoss(Callback):
+    """Stop with a one-line error naming the epoch when the loss stops being a finite number (a diverging run)."""
+
+    order = 55  # after the Recorder has logged the epoch, before anything is saved
+
+    def __init__(self, lr: float):
+        self.lr = lr
+
+    def before_epoch(self):
+        self.bad = None
+
+    def after_loss(self):
+        # Accumulated on the device and read once per epoch: no host sync per batch.
+        bad = ~torch.isfinite(self.learn.loss.detach()).all()
+        self.bad = bad if self.bad is None else self.bad | bad
+
+    def after_epoch(self):
+        if self.bad is not None and bool(self.bad):
+            raise WhalefastError(
+                f"training diverged in epoch {self.epoch}: the loss is no longer a finite number; try a lower --lr (this run used {self.lr:g})"
+            )
 
 
 class History(Callback):
@@ -139,7 +188,7 @@ class History(Callback):
             "valid_loss": float(values.get("valid_loss", float("nan"))),
             "map5": float(values.get("map5", float("nan"))),
             "top1": float(values.get("top1", float("nan"))),
-            "lr": float(self.opt.hypers[-1]["lr"]),
+            "lr": float(self.opt.hypers[0]["lr"]),  # the body's (the head's is head_lr_mult times it)
             "seconds": round(time.time() - self.start, 2),
         }
         self.rows = [r for r in self.rows if r["epoch"] != self.epoch] + [row]
@@ -153,12 +202,16 @@ class History(Callback):
 
 
 class Checkpoints(Callback):
-    """Keep the weights of the epoch with the best validation loss and, every epoch, the state to resume from."""
+    """Keep the weights of the epoch with the best validation loss and, every epoch, the state to resume from.
+
+    The run folder and its config.json are written with the first weights, so a run that fails before
+    its first epoch ends leaves nothing behind (and an earlier run of the same name stays whole).
+    """
 
     order = 66
 
-    def __init__(self, run_dir: Path, best_loss: float = float("inf"), best_epoch: int = -1):
-        self.run_dir, self.best_loss, self.best_epoch = Path(run_dir), best_loss, best_epoch
+    def __init__(self, run_dir: Path, config: dict | None = None, best_loss: float = float("inf"), best_epoch: int = -1, resumable: bool = True):
+        self.run_dir, self.config, self.best_loss, self.best_epoch, self.resumable = Path(run_dir), config, best_loss, best_epoch, resumable
 
     def before_epoch(self):
         self.skipped = False
@@ -170,20 +223,54 @@ class Checkpoints(Callback):
         if self.skipped:
             return
         valid_loss = float(self.recorder.log[2]) if len(self.recorder.log) > 2 else float("inf")
-        if valid_loss < self.best_loss or self.best_epoch < 0:  # a NaN first epoch still leaves weights to load
+        main = is_main_process()
+        if main and self.config is not None:
+            write_json(self.config, self.run_dir / "config.json")
+            self.config = None
+        if valid_loss < self.best_loss or self.best_epoch < 0:
             self.best_loss, self.best_epoch = valid_loss, self.epoch
-            if is_main_process():
+            if main:
                 save_atomic(unwrap(self.model).state_dict(), self.run_dir / "model.pth")
                 console.print(f"better model at epoch {self.epoch}: valid_loss {valid_loss:.4f}")
-        if is_main_process():
+        if main and self.resumable:
             state = {
                 "model": unwrap(self.model).state_dict(),
-                "opt": self.opt.state_dict(),
+                "opt": optimizer_state(self.opt),
                 "epoch": self.epoch,
                 "best_loss": self.best_loss,
                 "best_epoch": self.best_epoch,
             }
             save_atomic(state, self.run_dir / "last.pth")
+
+
+def optimizer_state(opt) -> dict:
+    """A fastai optimiser's state as plain lists and dicts, so it loads with torch.load(weights_only=True)."""
+    sd = opt.state_dict()
+    return {"state": [dict(s) for s in sd["state"]], "hypers": [dict(h) for h in sd["hypers"]]}
+
+
+def load_optimizer_state(opt, state: dict) -> None:
+    """Restore what `optimizer_state` saved."""
+    opt.load_state_dict({"state": state["state"], "hypers": L(state["hypers"])})
+
+
+def quiet_progress(learn: Learner) -> Learner:
+    """Outside a terminal, drop fastai's progress bars and log one line per epoch to stderr instead."""
+    if sys.stdout.isatty():
+        return learn
+    from fastai.callback.progress import ProgressCallback
+
+    learn.remove_cbs([cb for cb in learn.cbs if isinstance(cb, ProgressCallback)])
+
+    def log(row):
+        names = list(learn.recorder.metric_names)
+        if list(row) == names:  # the header
+            return
+        parts = [f"{n} {v:.4f}" if isinstance(v, float) else f"{n} {v}" for n, v in zip(names, row)]
+        console.print("  ".join(parts), highlight=False)
+
+    learn.logger = log
+    return learn
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -249,12 +336,18 @@ def make_learner(cfg: FitConfig, dls) -> Learner:
         model_dir=".",
         cbs=extra_cbs,
     )
+    quiet_progress(learn)
     if torch.cuda.is_available():
         learn.model.to(memory_format=torch.channels_last)
         learn.to_bf16() if torch.cuda.is_bf16_supported() else learn.to_fp16()
     if cfg.compile:
         learn.model = torch.compile(learn.model)
     return learn
+
+
+def body_and_head(lr: float, head_lr_mult: float = 1.0):
+    """fastai's per-group learning rates: `lr` for the body, `lr * head_lr_mult` for the head."""
+    return lr if head_lr_mult == 1 else slice(lr, lr * head_lr_mult)
 
 
 def _dataloaders(cfg: FitConfig):
@@ -265,24 +358,58 @@ def _dataloaders(cfg: FitConfig):
         bs=cfg.bs,
         min_samples=cfg.min_samples,
         train_new_whale=cfg.train_new_whale,
+        augment=cfg.augment,
+        grey=cfg.grey,
         num_workers=cfg.num_workers,
         seed=cfg.seed,
     )
 
 
 def check_config(cfg: FitConfig) -> None:
-    """One-line errors for settings that cannot work."""
+    """One-line errors, each naming its option, for settings that cannot work."""
     get_arch(cfg.arch)
-    if cfg.method not in ("softmax", "arcface"):
-        raise WhalefastError(f"unknown method {cfg.method!r}; choose softmax or arcface")
-    if cfg.opt not in ("sgd", "adam"):
-        raise WhalefastError(f"unknown optimiser {cfg.opt!r}; choose sgd or adam")
-    if cfg.schedule not in ("step", "one-cycle"):
-        raise WhalefastError(f"unknown schedule {cfg.schedule!r}; choose step or one-cycle")
-    if cfg.epochs < 1 or cfg.bs < 1 or cfg.size < 16:
-        raise WhalefastError("--epochs and --bs must be at least 1 and --size at least 16")
+    choices = {"method": ("softmax", "arcface"), "opt": ("sgd", "adam"), "schedule": ("step", "one-cycle"), "augment": AUGMENTS}
+    for option, valid in choices.items():
+        if getattr(cfg, option) not in valid:
+            raise WhalefastError(f"--{option} must be {' or '.join(valid)}, got {getattr(cfg, option)!r}")
+    for option in ("epochs", "bs", "min_samples", "embed_dim", "sub_centers"):
+        if getattr(cfg, option) < 1:
+            raise WhalefastError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(cfg, option)}")
+    if cfg.freeze_epochs < 0:
+        raise WhalefastError(f"--freeze-epochs must be 0 or more, got {cfg.freeze_epochs}")
+    for option in ("lr", "scale", "head_lr_mult"):
+        value = getattr(cfg, option)
+        if not (math.isfinite(value) and value > 0):
+            raise WhalefastError(f"--{option.replace('_', '-')} must be a positive number, got {value}")
+    for option in ("gamma", "momentum", "wd", "margin"):
+        value = getattr(cfg, option)
+        if not (math.isfinite(value) and value >= 0):
+            raise WhalefastError(f"--{option} must be a number of at least 0, got {value}")
+    if min(cfg.size) < 16:
+        raise WhalefastError(f"--size must be at least 16 pixels each way, got {size_text(cfg.size)}")
+    if any(m < 1 for m in cfg.milestones):
+        raise WhalefastError(f"--milestones must be epoch numbers of at least 1, got {','.join(map(str, cfg.milestones))}")
     if cfg.freeze_epochs and not cfg.pretrained:
-        raise WhalefastError("--freeze-epochs needs a pretrained model")
+        raise WhalefastError("--freeze-epochs needs a pretrained model (drop --no-pretrained or --freeze-epochs)")
+
+
+RESUMABLE_CHANGES = {"num_workers"}  # options a resumed run may change: they do not alter what it learns
+
+
+def check_resume(saved: FitConfig, given: dict) -> None:
+    """Refuse to resume when an option given now differs from the interrupted run's (resuming ignores them)."""
+    differ = []
+    for key, value in given.items():
+        if key in RESUMABLE_CHANGES or key not in FitConfig.__dataclass_fields__:
+            continue
+        old = getattr(saved, key)
+        new = FitConfig(**{**asdict(saved), key: value}).__getattribute__(key)  # normalised as the config normalises it
+        if new != old:
+            differ.append(f"--{key.replace('_', '-')} {value} (the run has {old})")
+    if differ:
+        raise WhalefastError(
+            f"--resume continues {saved.name} with its saved settings, but {'; '.join(differ)}: drop those options, or start a new run with another --name"
+        )
 
 
 def fit(cfg: FitConfig, resume: bool = False, distributed: bool = False) -> dict:
@@ -295,7 +422,7 @@ def fit(cfg: FitConfig, resume: bool = False, distributed: bool = False) -> dict
         saved = load_config(cfg.run_dir)
         if not (cfg.run_dir / "last.pth").is_file():
             raise WhalefastError(f"{cfg.run_dir / 'last.pth'}: nothing to resume")
-        cfg = saved
+        cfg = replace(saved, num_workers=cfg.num_workers)
     check_config(cfg)
     if distributed:
         from whalefast.distributed import init_distributed
@@ -304,40 +431,38 @@ def fit(cfg: FitConfig, resume: bool = False, distributed: bool = False) -> dict
     set_seed(cfg.seed, reproducible=True)
     dls = rank0_first(_dataloaders, cfg)  # rank 0 builds the decoded-image cache, the others then read it
     cfg.vocab = list(dls.vocab)
+    cfg.crop, cfg.box_model = dls.crop, dls.box_model
     run_dir = cfg.run_dir
-    if is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text(json.dumps(asdict(cfg), indent=2), run_dir / "config.json")
     learn = make_learner(cfg, dls)
 
     start_epoch, previous, best = 0, None, (float("inf"), -1)
     if resume:
-        state = torch.load(run_dir / "last.pth", map_location="cpu", weights_only=False)
+        state = torch.load(run_dir / "last.pth", map_location="cpu", weights_only=True)
         unwrap(learn.model).load_state_dict(state["model"])
         learn.unfreeze()
         learn.create_opt()
-        learn.opt.load_state_dict(state["opt"])
+        load_optimizer_state(learn.opt, state["opt"])
         start_epoch, best = state["epoch"] + 1, (state["best_loss"], state["best_epoch"])
         if (run_dir / "history.csv").exists():
             previous = pd.read_csv(run_dir / "history.csv")
         console.print(f"resuming {cfg.name} at epoch {start_epoch} of {cfg.epochs}")
     elif cfg.freeze_epochs:
         learn.freeze()
-        learn.fit(cfg.freeze_epochs, lr=cfg.lr)
+        learn.fit(cfg.freeze_epochs, lr=cfg.lr, cbs=[StopOnNonFiniteLoss(cfg.lr)])
     learn.unfreeze()
 
     history = History(run_dir, previous)
-    checkpoints = Checkpoints(run_dir, *best)
-    cbs = [history, checkpoints]
+    checkpoints = Checkpoints(run_dir, None if resume else asdict(cfg), *best)
+    cbs = [StopOnNonFiniteLoss(cfg.lr), history, checkpoints]
     if start_epoch < cfg.epochs:
         # SyncBatchNorm runs on GPUs only; on CPUs each process keeps its own batch statistics.
         cuda = torch.cuda.is_available()
         context = learn.distrib_ctx(sync_bn=cuda, cpu=not cuda) if distributed else contextlib.nullcontext()
         with context:
             if cfg.schedule == "step":
-                learn.fit(cfg.epochs, lr=cfg.lr, cbs=[StepSchedule(cfg.lr, cfg.milestones, cfg.gamma)] + cbs, reset_opt=False, start_epoch=start_epoch)
+                learn.fit(cfg.epochs, lr=cfg.lr, cbs=[StepSchedule(cfg.lr, cfg.milestones, cfg.gamma, cfg.head_lr_mult)] + cbs, reset_opt=False, start_epoch=start_epoch)
             else:
-                learn.fit_one_cycle(cfg.epochs, lr_max=cfg.lr, cbs=cbs, start_epoch=start_epoch)
+                learn.fit_one_cycle(cfg.epochs, lr_max=body_and_head(cfg.lr, cfg.head_lr_mult), cbs=cbs, start_epoch=start_epoch)
         if distributed:
             console.print(f"rank {rank_distrib()}: trained {history.train_batches} batches")
 
@@ -347,14 +472,10 @@ def fit(cfg: FitConfig, resume: bool = False, distributed: bool = False) -> dict
 
 
 def finish(cfg: FitConfig, learn: Learner, best_epoch: int) -> dict:
-    """Calibrate the new_whale threshold on validation with the best weights; save it; report the figures."""
-    from whalefast.methods import validation_scores
+    """Calibrate the new_whale threshold on validation with the best weights; save it (and the catalogue); report the figures."""
+    from whalefast.methods import final_catalogue, validation_scores
 
-    scores, targets, valid_loss, catalogue = validation_scores(cfg, learn)
-    if catalogue is not None and is_main_process():
-        from whalefast.catalogue import catalogue_path
-
-        save_atomic(catalogue, catalogue_path(cfg.run_dir))
+    scores, targets, valid_loss = validation_scores(cfg, learn)
     new_whale_class = _new_whale_class(cfg.vocab)
     if new_whale_class is None:
         threshold, score = calibrate_threshold(scores, targets)
@@ -365,10 +486,15 @@ def finish(cfg: FitConfig, learn: Learner, best_epoch: int) -> dict:
         score, top1 = map5(ranked, targets), float((ranked[:, 0] == targets).float().mean())
     calibration = {"threshold": threshold, "valid_map5": score, "valid_top1": top1, "best_epoch": best_epoch, "valid_loss": valid_loss}
     if is_main_process():
-        write_text(json.dumps(calibration, indent=2), cfg.run_dir / "calibration.json")
-        console.print(
+        if cfg.method == "arcface":
+            from whalefast.catalogue import catalogue_path, save_catalogue
+
+            save_catalogue(final_catalogue(cfg, learn), catalogue_path(cfg.run_dir))
+        write_json(calibration, cfg.run_dir / "calibration.json")
+        results.print(
             f"best epoch {best_epoch} (valid loss {valid_loss:.4f}); validation MAP@5 {score:.4f}, top-1 {top1:.4f}, "
-            f"new_whale threshold {threshold if threshold is None else round(threshold, 4)}"
+            f"new_whale threshold {threshold if threshold is None else round(threshold, 4)}",
+            highlight=False,
         )
     return {"run_dir": str(cfg.run_dir), **calibration}
 

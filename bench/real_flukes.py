@@ -1,0 +1,117 @@
+"""Accuracy on real fluke photos: MAP@5 on a labelled real set in the Kaggle layout, per crop mode and method.
+
+Runs whalefast's own stages (boxes fit, prepare, fit, submit, evaluate) on a private copy of the
+data, never on the original. Crop modes: the whole photo ("none"), the boxes given in boxes.csv
+("given"), and boxes predicted by a box model trained on the training photos' boxes alone
+("predicted"; the test boxes are never seen). Methods: softmax and arcface, each with the settings in
+RECIPES. Prints one table row per run, wall times included, and writes the table as CSV.
+
+    python bench/real_flukes.py --data ../shared/data/real-flukes-100px               # every row (about 1.5 h on 2 CPU cores)
+    python bench/real_flukes.py --data ../shared/data/real-flukes-100px --crops predicted --methods arcface   # the recipe, end to end
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from whalefast.boxes import BoxConfig, fit_boxes, read_boxes
+from whalefast.evaluate import evaluate
+from whalefast.prepare import PrepareConfig, prepare
+from whalefast.recipes import recipe
+from whalefast.submit import submit
+from whalefast.train import FitConfig, fit
+
+# The flukes recipe (whalefast/recipes.py) for arcface, and the same settings for a softmax classifier.
+RECIPES = {"arcface": recipe("flukes"), "softmax": {**recipe("flukes"), "method": "softmax"}}
+BOX_RECIPE = dict(size=96, epochs=4, bs=32, lr=5e-4)
+
+
+def private_copy(source: Path, work: Path) -> Path:
+    """A copy of the Kaggle-layout files of `source` in `work` (the original is only read)."""
+    data = work / "data"
+    data.mkdir(parents=True)
+    for name in ("train.csv", "sample_submission.csv", "test_answers.csv", "boxes.csv"):
+        if (source / name).is_file():
+            shutil.copy(source / name, data / name)
+    for folder in ("train", "test"):
+        shutil.copytree(source / folder, data / folder)
+    return data
+
+
+def train_boxes_only(data: Path) -> Path:
+    """boxes.csv restricted to the training photos: what a box model may learn from."""
+    boxes = read_boxes(data / "boxes.csv")
+    train = set(pd.read_csv(data / "train.csv").Image)
+    path = data.parent / "train_boxes.csv"
+    boxes[boxes.Image.isin(train)].to_csv(path, index=False)
+    return path
+
+
+def run(args) -> pd.DataFrame:
+    work = Path(args.work or tempfile.mkdtemp(prefix="whalefast-real-"))
+    data = private_copy(Path(args.data), work)
+    models = work / "models"
+    rows = []
+    box_seconds = 0.0
+    if "predicted" in args.crops:
+        start = time.time()
+        box = fit_boxes(BoxConfig(data=str(data), boxes=str(train_boxes_only(data)), models_dir=str(models), name="boxes", **BOX_RECIPE))
+        box_seconds = time.time() - start
+        print(f"box model: held-out IoU {box['iou_mean']:.3f} (>= 0.5: {box['iou_at_least_0.5']:.1%}) in {box_seconds:.0f} s", flush=True)
+    for crop in args.crops:
+        source = {"none": None, "given": str(data / "boxes.csv"), "predicted": "boxes"}[crop]
+        start = time.time()
+        prepare(data, cfg=PrepareConfig(boxes=source, models_dir=str(models), min_samples=1, valid_pct=args.valid_pct, seed=args.seed), quiet=True)
+        prepare_seconds = time.time() - start
+        for method in args.methods:
+            name = f"{method}-{crop}"
+            settings = {**RECIPES[method], **({"epochs": args.epochs} if args.epochs else {})}
+            cfg = FitConfig(data=str(data), recipe="flukes", name=name, models_dir=str(models), seed=args.seed, **settings)
+            start = time.time()
+            fitted = fit(cfg)
+            fit_seconds = time.time() - start
+            start = time.time()
+            out = submit(data, models / name, work / f"{name}.csv")
+            submit_seconds = time.time() - start
+            scores = evaluate(out["out"], data / "test_answers.csv")
+            total = prepare_seconds + fit_seconds + submit_seconds + (box_seconds if crop == "predicted" else 0)
+            rows.append(
+                {
+                    "crop": crop,
+                    "method": method,
+                    "valid_map5": round(fitted["valid_map5"], 4),
+                    "test_map5": round(scores["map5"], 4),
+                    "test_catalogued": round(scores["map5_catalogued"], 4),
+                    "test_new_whale": round(scores["map5_new_whale"], 4),
+                    "test_top1": round(scores["top1"], 4),
+                    "fit_minutes": round(fit_seconds / 60, 1),
+                    "end_to_end_minutes": round(total / 60, 1),
+                }
+            )
+            print(pd.DataFrame(rows).to_string(index=False), flush=True)
+    table = pd.DataFrame(rows)
+    table.to_csv(work / "real_flukes.csv", index=False)
+    print(f"table written to {work / 'real_flukes.csv'}")
+    return table
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="a real set in the Kaggle layout with test_answers.csv and boxes.csv")
+    parser.add_argument("--work", help="working folder (default: a new temporary one)")
+    parser.add_argument("--crops", nargs="+", default=["none", "given", "predicted"], choices=["none", "given", "predicted"])
+    parser.add_argument("--methods", nargs="+", default=["softmax", "arcface"], choices=list(RECIPES))
+    parser.add_argument("--epochs", type=int, help="override the recipes' epochs (quick checks)")
+    parser.add_argument("--valid-pct", type=float, default=0.1, help="prepare's --valid-pct: every held-out photo is one fewer to learn from")
+    parser.add_argument("--seed", type=int, default=42)
+    run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,363 @@
+"""The boxes stage: fluke bounding boxes, read from a CSV or predicted by a small regressor trained on one."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from fastai.callback.core import Callback
+from fastai.data.core import DataLoaders
+from fastai.metrics import AvgMetric
+from fastai.optimizer import Adam
+from fastai.torch_core import set_seed
+from PIL import Image
+from torch import nn
+from torchvision.ops import generalized_box_iou_loss
+
+from whalefast.console import console, progress_bar
+from whalefast.errors import WhalefastError
+from whalefast.io import read_csv_file, write_csv, write_json
+
+BOX_COLUMNS = ["x0", "y0", "x1", "y1"]
+BOXES_KIND = "boxes"  # config.json's "kind" for a box model
+
+
+def read_boxes(path: str | os.PathLike) -> pd.DataFrame:
+    """A boxes CSV (Image,x0,y0,x1,y1 in pixels of each photo), checked: one line naming the file and the problem."""
+    path = Path(path)
+    df = read_csv_file(path)
+    missing = [c for c in ["Image", *BOX_COLUMNS] if c not in df.columns]
+    if missing:
+        raise WhalefastError(f"{path}: expected columns Image,x0,y0,x1,y1, found {','.join(map(str, df.columns)) or 'none'}")
+    df = df[["Image", *BOX_COLUMNS]].copy()
+    df["Image"] = df.Image.str.strip()
+    for c in BOX_COLUMNS:
+        values = pd.to_numeric(df[c], errors="coerce")
+        bad = df.index[values.isna() | ~np.isfinite(values.fillna(0)) | (values < 0)]
+        if len(bad):
+            raise WhalefastError(f"{path}: line {bad[0] + 2}: {c} must be a number of pixels, got {df[c][bad[0]]!r}")
+        df[c] = values.astype(float)
+    empty = df.index[(df.x1 <= df.x0) | (df.y1 <= df.y0)]
+    if len(empty):
+        raise WhalefastError(f"{path}: line {empty[0] + 2}: an empty box (x1 must exceed x0 and y1 exceed y0)")
+    dup = df.index[df.Image.duplicated()]
+    if len(dup):
+        raise WhalefastError(f"{path}: line {dup[0] + 2}: {df.Image[dup[0]]} has two boxes")
+    return df.reset_index(drop=True)
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Intersection over union of paired boxes (x0, y0, x1, y1), row by row."""
+    a, b = torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32)
+    w = (torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0])).clamp(min=0)
+    h = (torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 1], b[:, 1])).clamp(min=0)
+    inter = w * h
+    area = lambda t: (t[:, 2] - t[:, 0]).clamp(min=0) * (t[:, 3] - t[:, 1]).clamp(min=0)  # noqa: E731
+    return inter / (area(a) + area(b) - inter).clamp(min=1e-9)
+
+
+def iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean IoU of a batch of predicted boxes (the fastai metric)."""
+    return box_iou(pred.as_subclass(torch.Tensor), target.as_subclass(torch.Tensor)).mean()
+
+
+def photo_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of a photo as whalefast shows it (EXIF orientation applied), read from its header."""
+    from whalefast.io import _upright_size
+
+    with Image.open(path) as im:
+        return _upright_size(im)
+
+
+@dataclass
+class BoxConfig:
+    """A box-regressor run; saved as config.json beside its weights."""
+
+    data: str = "data"
+    boxes: str = "data/boxes.csv"
+    arch: str = "efficientnet-lite0"
+    size: int = 96
+    epochs: int = 4
+    bs: int = 32
+    lr: float = 5e-4
+    valid_pct: float = 0.1
+    seed: int = 42
+    pretrained: bool = True
+    name: str = "boxes"
+    models_dir: str = "models"
+    kind: str = BOXES_KIND
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.models_dir) / self.name
+
+
+class BoxHead(nn.Module):
+    """Average pooling and a linear map to the box's centre and size, each in (0, 1) of the photo.
+
+    With `prior` (mean centre x, centre y, width, height of the training boxes), it starts out
+    predicting that mean box, so training improves on the best constant guess from the first step.
+    """
+
+    def __init__(self, features: int, prior: tuple[float, float, float, float] | None = None):
+        super().__init__()
+        self.layers = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.1), nn.Linear(features, 4))
+        if prior is not None:
+            linear = self.layers[-1]
+            nn.init.normal_(linear.weight, std=1e-3)
+            with torch.no_grad():
+                linear.bias.copy_(torch.logit(torch.tensor(prior, dtype=torch.float32).clamp(0.02, 0.98)))
+
+    def forward(self, x):
+        cx, cy, w, h = torch.sigmoid(self.layers(x).float()).unbind(1)
+        return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+
+
+class BoxLoss(nn.Module):
+    """L1 distance of the corners plus the generalised IoU loss."""
+
+    def forward(self, pred, target):
+        pred, target = pred.as_subclass(torch.Tensor).float(), target.as_subclass(torch.Tensor).float()
+        return F.l1_loss(pred, target) + generalized_box_iou_loss(pred, target, reduction="mean")
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> ImageNet-normalised float."""
+    from fastai.vision.core import imagenet_stats
+
+    mean = torch.tensor(imagenet_stats[0], device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(imagenet_stats[1], device=x.device).view(1, 3, 1, 1)
+    return (x.float() / 255 - mean) / std
+
+
+def shift_and_flip(x: torch.Tensor, boxes: torch.Tensor, max_shift: float = 0.15, zoom=(0.85, 1.3)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random horizontal flips, zooms and shifts of a batch, with its boxes (fractions of the photo) moved to match."""
+    n, device = len(x), x.device
+    flip = torch.rand(n, device=device) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    boxes = torch.where(flip[:, None], torch.stack([1 - boxes[:, 2], boxes[:, 1], 1 - boxes[:, 0], boxes[:, 3]], 1), boxes)
+    # Output pixel u (in -1..1) samples the input at a * u + t: a < 1 zooms in, a > 1 zooms out.
+    a = torch.empty(n, 2, device=device).uniform_(*zoom)
+    t = torch.empty(n, 2, device=device).uniform_(-max_shift, max_shift)
+    theta = torch.zeros(n, 2, 3, device=device)
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = a[:, 0], a[:, 1], t
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    corners = boxes.view(n, 2, 2) * 2 - 1  # (x0, y0), (x1, y1) in -1..1
+    moved = (corners - t[:, None, :]) / a[:, None, :]
+    boxes = ((moved + 1) / 2).clamp(0, 1).view(n, 4)
+    return x, boxes
+
+
+class BoxAugment(Callback):
+    """Normalise every batch; while training, flip, zoom and shift the photos and their boxes together."""
+
+    order = 1
+
+    def before_batch(self):
+        x, boxes = normalise(self.xb[0]), self.yb[0]
+        if self.training:
+            x, boxes = shift_and_flip(x, boxes.float())
+            x = x * torch.empty(len(x), 1, 1, 1, device=x.device).uniform_(0.7, 1.3) + torch.empty(len(x), 1, 1, 1, device=x.device).uniform_(-0.3, 0.3)
+        self.learn.xb, self.learn.yb = (x,), (boxes,)
+
+
+class FrozenBatchNorm(Callback):
+    """Keep the body's batch-norm statistics at their ImageNet values: small, augmented batches would only add noise."""
+
+    def before_train(self):
+        for module in self.model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
+
+
+class BoxDataset(torch.utils.data.Dataset):
+    """(photo as (3, s, s) uint8, box as fractions of the photo) from a decoded-image cache."""
+
+    def __init__(self, images, items: pd.DataFrame):
+        self.images, self.names = images, items.Image.tolist()
+        self.boxes = torch.tensor(items[["fx0", "fy0", "fx1", "fy1"]].to_numpy(), dtype=torch.float32)
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.images[self.names[i]].copy()).permute(2, 0, 1), self.boxes[i]
+
+
+def box_items(data: Path, boxes: pd.DataFrame) -> pd.DataFrame:
+    """The boxed photos found in train/ or test/: Image, Folder, box in pixels and as fractions of the photo."""
+    rows = []
+    for r in boxes.itertuples(index=False):
+        folder = "train" if (data / "train" / r.Image).is_file() else "test" if (data / "test" / r.Image).is_file() else None
+        if folder is None:
+            continue
+        try:
+            w, h = photo_size(data / folder / r.Image)
+        except Exception:  # noqa: BLE001 - an unreadable photo cannot teach a box
+            continue
+        rows.append((r.Image, folder, r.x0, r.y0, r.x1, r.y1, r.x0 / w, r.y0 / h, min(r.x1 / w, 1.0), min(r.y1 / h, 1.0)))
+    return pd.DataFrame(rows, columns=["Image", "Folder", *BOX_COLUMNS, "fx0", "fy0", "fx1", "fy1"])
+
+
+def _whole_photo_cache(data: Path, folder: str, names: list[str], size: int):
+    from whalefast.cache import build_cache
+
+    with progress_bar(f"caching {folder}/ at {size}px for boxes", len(names)) as advance:
+        return build_cache(data / folder, names, data / "prepared" / "cache", (size, size), progress=advance)
+
+
+class _Images:
+    """Photos of several folders' caches under one name lookup."""
+
+    def __init__(self, caches: dict[str, object], folder_of: dict[str, str]):
+        self.caches, self.folder_of = caches, folder_of
+
+    def __getitem__(self, name):
+        return self.caches[self.folder_of[name]][name]
+
+
+def fit_boxes(cfg: BoxConfig) -> dict:
+    """Train the box regressor on cfg.boxes; report IoU on held-out photos; save it in models/NAME/."""
+    from whalefast.models import build_learner, get_arch
+    from whalefast.train import Checkpoints, quiet_progress
+
+    get_arch(cfg.arch)
+    if cfg.epochs < 1:
+        raise WhalefastError(f"--epochs must be at least 1, got {cfg.epochs}")
+    if cfg.size < 32:
+        raise WhalefastError(f"--size must be at least 32 pixels, got {cfg.size}")
+    data = Path(cfg.data)
+    if not data.is_dir():
+        raise WhalefastError(f"{data}: data folder not found")
+    items = box_items(data, read_boxes(cfg.boxes))
+    if len(items) < 10:
+        raise WhalefastError(f"{cfg.boxes}: only {len(items)} of its photos are in {data / 'train'} or {data / 'test'}; need at least 10")
+    set_seed(cfg.seed, reproducible=True)
+    rng = np.random.default_rng(cfg.seed)
+    is_valid = np.zeros(len(items), dtype=bool)
+    is_valid[rng.permutation(len(items))[: max(1, int(round(cfg.valid_pct * len(items))))]] = True
+    items["is_valid"] = is_valid
+    caches = {f: _whole_photo_cache(data, f, items.Image[items.Folder == f].tolist(), cfg.size) for f in sorted(set(items.Folder))}
+    images = _Images(caches, dict(zip(items.Image, items.Folder)))
+    train_ds, valid_ds = BoxDataset(images, items[~items.is_valid]), BoxDataset(images, items[items.is_valid])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dls = DataLoaders.from_dsets(train_ds, valid_ds, bs=cfg.bs, drop_last=True, device=device, num_workers=0)
+    dls.valid.drop_last = False
+    train = items[~items.is_valid]
+    prior = ((train.fx0 + train.fx1).mean() / 2, (train.fy0 + train.fy1).mean() / 2, (train.fx1 - train.fx0).mean(), (train.fy1 - train.fy0).mean())
+    head = BoxHead(get_arch(cfg.arch).features, prior)
+    learn = build_learner(dls, cfg.arch, n_out=4, pretrained=cfg.pretrained, head=head, loss_func=BoxLoss(), opt_func=Adam, metrics=[AvgMetric(iou)], cbs=[BoxAugment(), FrozenBatchNorm()])
+    learn.unfreeze()  # vision_learner freezes a pretrained body; a box needs it fine-tuned
+    quiet_progress(learn)
+    run_dir = cfg.run_dir
+    checkpoints = Checkpoints(run_dir, config=asdict(cfg), resumable=False)
+    learn.fit_one_cycle(cfg.epochs, lr_max=cfg.lr, cbs=[checkpoints])
+    learn.model.load_state_dict(torch.load(run_dir / "model.pth", map_location="cpu", weights_only=True))
+
+    valid = items[items.is_valid].reset_index(drop=True)
+    pred = predict_fractions(learn.model.eval(), [images[n] for n in valid.Image], device)
+    ious = box_iou(pred, torch.tensor(valid[["fx0", "fy0", "fx1", "fy1"]].to_numpy()))
+    summary = {
+        "valid_photos": len(valid),
+        "train_photos": int((~items.is_valid).sum()),
+        "iou_mean": float(ious.mean()),
+        "iou_median": float(ious.median()),
+        "iou_at_least_0.5": float((ious >= 0.5).float().mean()),
+        "iou_at_least_0.75": float((ious >= 0.75).float().mean()),
+        "best_epoch": checkpoints.best_epoch,
+    }
+    write_json(summary, run_dir / "metrics.json")
+    valid = valid.assign(px0=pred[:, 0].numpy(), py0=pred[:, 1].numpy(), px1=pred[:, 2].numpy(), py1=pred[:, 3].numpy(), iou=ious.numpy())
+    write_csv(valid[["Image", "Folder", "fx0", "fy0", "fx1", "fy1", "px0", "py0", "px1", "py1", "iou"]], run_dir / "valid_boxes.csv")
+    box_sheet(data, valid, run_dir / "boxes.png")
+    return {"run_dir": str(run_dir), **summary}
+
+
+@torch.no_grad()
+def predict_fractions(model: nn.Module, arrays, device, bs: int = 64) -> torch.Tensor:
+    """Boxes as fractions (x0, y0, x1, y1) of each photo, from (s, s, 3) uint8 arrays of whole photos."""
+    out = []
+    for start in range(0, len(arrays), bs):
+        x = torch.from_numpy(np.stack(arrays[start : start + bs])).to(device).permute(0, 3, 1, 2)
+        out.append(model(normalise(x)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0, 4)
+
+
+def load_box_model(run_dir: str | os.PathLike, device: torch.device | None = None) -> tuple[nn.Module, BoxConfig]:
+    """A trained box regressor (eval mode) and its config."""
+    import json
+
+    from whalefast.models import build_model, get_arch
+
+    run_dir = Path(run_dir)
+    path = run_dir / "config.json"
+    if not path.is_file() or json.loads(path.read_text()).get("kind") != BOXES_KIND:
+        raise WhalefastError(f"{run_dir}: not a box model (train one with `whalefast boxes fit`)")
+    raw = json.loads(path.read_text())
+    cfg = BoxConfig(**{k: v for k, v in raw.items() if k in BoxConfig.__dataclass_fields__})
+    model = build_model(cfg.arch, 4, head=BoxHead(get_arch(cfg.arch).features))
+    weights = run_dir / "model.pth"
+    if not weights.is_file():
+        raise WhalefastError(f"{weights}: not found; did `whalefast boxes fit --name {run_dir.name}` finish?")
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device).eval(), cfg
+
+
+def predict_boxes(run_dir: str | os.PathLike, folder: str | os.PathLike, names: list[str], cache_dir: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Predicted boxes (Image,x0,y0,x1,y1 in pixels) for photos in `folder`; unreadable photos are left out."""
+    from whalefast.cache import build_cache
+    from whalefast.io import load_image
+
+    model, cfg = load_box_model(run_dir)
+    device = next(model.parameters()).device
+    folder = Path(folder)
+    if cache_dir is not None:
+        with progress_bar(f"caching {folder.name}/ at {cfg.size}px for boxes", len(names)) as advance:
+            images = build_cache(folder, names, cache_dir, (cfg.size, cfg.size), progress=advance)
+        names = [n for n in names if n not in images.problems]
+        arrays = [images[n] for n in names]
+    else:
+        arrays = [load_image(folder / n, (cfg.size, cfg.size)) for n in names]
+    fractions = predict_fractions(model, arrays, device).numpy()
+    sizes = np.array([photo_size(folder / n) for n in names], dtype=float).reshape(-1, 2)
+    pixels = fractions * np.concatenate([sizes, sizes], axis=1)
+    return pd.DataFrame({"Image": names, **{c: pixels[:, i] for i, c in enumerate(BOX_COLUMNS)}})
+
+
+def box_sheet(data: Path, valid: pd.DataFrame, out: Path, n: int = 12) -> None:
+    """A PNG of held-out photos with their true (green) and predicted (red) boxes, worst IoU first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    from whalefast.io import atomic_path, open_rgb
+
+    shown = pd.concat([valid.nsmallest(n // 2, "iou"), valid.nlargest(n - n // 2, "iou")]).drop_duplicates("Image")
+    cols = 4
+    rows = max(1, math.ceil(len(shown) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, r in zip(axes.flat, shown.itertuples(index=False)):
+        im = open_rgb(data / r.Folder / r.Image)
+        ax.imshow(im)
+        w, h = im.size
+        for (x0, y0, x1, y1), colour in (((r.fx0, r.fy0, r.fx1, r.fy1), "lime"), ((r.px0, r.py0, r.px1, r.py1), "red")):
+            ax.add_patch(Rectangle((x0 * w, y0 * h), (x1 - x0) * w, (y1 - y0) * h, fill=False, edgecolor=colour, linewidth=1.5))
+        ax.set_title(f"{r.Image}  IoU {r.iou:.2f}", fontsize=8)
+    fig.suptitle("held-out photos: true box green, predicted red (worst first)", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+    console.print(f"box examples saved to [bold]{out}[/bold]")

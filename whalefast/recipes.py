@@ -1,0 +1,42 @@
+"""Named training recipes: FitConfig settings that belong together, chosen with `fit --recipe NAME`.
+
+Options typed on the command line override the recipe's values.
+"""
+
+from __future__ import annotations
+
+from whalefast.errors import WhalefastError
+
+RECIPES: dict[str, dict] = {
+    # The course report's recipe, as FitConfig's defaults give it: ResNet-50 at 224 px, softmax over ids,
+    # SGD with momentum, lr 0.01 x0.1 after epochs 16 and 19, random horizontal and vertical flips.
+    "reference": {},
+    # Real fluke photos on a CPU (bench/real_flukes.py): ArcFace embeddings and nearest catalogue
+    # photos; efficientnet-lite0 (ImageNet weights that work offline) on aspect-true 80x160 crops in
+    # grey; no oversampling, so an epoch is one pass over the photos; Adam with one-cycle.
+    "flukes": dict(
+        arch="efficientnet-lite0",
+        method="arcface",
+        size=(80, 160),
+        bs=32,
+        epochs=12,
+        lr=2e-3,
+        head_lr_mult=5.0,
+        opt="adam",
+        schedule="one-cycle",
+        augment="fluke",
+        grey=True,
+        min_samples=1,
+        embed_dim=512,
+        margin=0.4,
+        scale=30.0,
+    ),
+}
+
+
+def recipe(name: str) -> dict:
+    """The settings of recipe `name`, or a one-line error listing the recipes."""
+    try:
+        return dict(RECIPES[name])
+    except KeyError:
+        raise WhalefastError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}") from None

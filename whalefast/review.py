@@ -1,0 +1,299 @@
+"""Match review: a queue of query photos, their ranked candidates and the reviewers' decisions (the logic of `whalefast serve`).
+
+Everything lives beside the model: uploaded photos in models/NAME/review/photos/, the queue in
+review/queue.csv, every decision appended to review_log.csv. Each file is rewritten atomically, so a
+crash or restart loses no earlier decision. For an arcface run, a confirmed photo joins the
+catalogue through the same code path as `whalefast catalogue add`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from PIL import Image
+
+from whalefast import NEW_WHALE
+from whalefast.errors import WhalefastError
+from whalefast.io import atomic_path, write_csv
+
+DECISIONS = {"same": "same whale", "new": "new whale", "unsure": "not sure"}
+FINAL = ("same", "new")  # decisions that put the photo in the catalogue; later ones are refused
+LOG_COLUMNS = ["time", "query", "photo", "decision", "id", "rank", "score", "top_id", "top_score", "comment", "catalogue"]
+QUEUE_COLUMNS = ["query", "name", "file", "added"]
+MAX_UPLOAD_BYTES = 25 * 1024 * 1024
+ALLOWED_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "TIFF": ".tif", "BMP": ".bmp", "WEBP": ".webp"}
+
+
+class ReviewError(WhalefastError):
+    """A request the review cannot carry out, with the HTTP status that says why."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Query:
+    """An uploaded photo waiting for (or given) a decision."""
+
+    qid: str
+    name: str
+    file: Path
+    added: str
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One proposed whale for a query: its rank, id, score and known photos (best match first)."""
+
+    rank: int
+    id: str
+    score: float
+    photos: list[int]  # indices into Review.known_photos
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def check_upload(name: str, data: bytes, max_bytes: int = MAX_UPLOAD_BYTES) -> str:
+    """The file suffix to store an uploaded photo under, or a ReviewError saying why it is refused."""
+    if len(data) > max_bytes:
+        raise ReviewError(f"{name}: too large ({len(data) / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.0f} MB)", 413)
+    if not data:
+        raise ReviewError(f"{name}: empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)) as im:
+                fmt = im.format
+                im.verify()
+    except Exception:  # noqa: BLE001 - PIL raises many types for non-images
+        raise ReviewError(f"{name}: not a photo whalefast can read (JPEG, PNG, TIFF, BMP or WebP)", 415) from None
+    if fmt not in ALLOWED_FORMATS:
+        raise ReviewError(f"{name}: {fmt} images are not accepted (JPEG, PNG, TIFF, BMP or WebP)", 415)
+    return ALLOWED_FORMATS[fmt]
+
+
+class Review:
+    """The review state of one trained run; safe to call from several threads (one lock guards every change)."""
+
+    def __init__(self, run_dir: str | os.PathLike, max_upload_bytes: int = MAX_UPLOAD_BYTES):
+        from whalefast.inference import PhotoLoader, Scorer
+
+        self.run_dir = Path(run_dir)
+        self.scorer = Scorer(self.run_dir)
+        self.cfg = self.scorer.cfg
+        self.loader = PhotoLoader(self.cfg)
+        self.max_upload_bytes = max_upload_bytes
+        self.folder = self.run_dir / "review"
+        self.photos_dir = self.folder / "photos"
+        self.queue_path = self.folder / "queue.csv"
+        self.log_path = self.run_dir / "review_log.csv"
+        self.lock = threading.RLock()
+        self._scored: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.queue: dict[str, Query] = {}
+        if self.queue_path.is_file():
+            for r in pd.read_csv(self.queue_path, dtype=str, keep_default_na=False).itertuples(index=False):
+                if (self.photos_dir / r.file).is_file():
+                    self.queue[r.query] = Query(r.query, r.name, self.photos_dir / r.file, r.added)
+        self.log = pd.read_csv(self.log_path, dtype=str, keep_default_na=False) if self.log_path.is_file() else pd.DataFrame(columns=LOG_COLUMNS)
+        self._load_known_photos()
+
+    @property
+    def is_arcface(self) -> bool:
+        return self.scorer.catalogue is not None
+
+    def _load_known_photos(self) -> None:
+        """The photos shown beside candidates: catalogue entries (arcface) or training photos (softmax)."""
+        if self.is_arcface:
+            cat = self.scorer.catalogue
+            self.known_photos = [Path(p) for p in cat["photos"]]
+            self.photos_of: dict[str, list[int]] = {}
+            for index, label in enumerate(cat["labels"].tolist()):
+                self.photos_of.setdefault(cat["ids"][label], []).append(index)
+            return
+        clean = self.cfg.prepared_dir / "train_clean.csv"
+        labels = pd.read_csv(clean if clean.exists() else Path(self.cfg.data) / "train.csv", dtype=str, keep_default_na=False)
+        labels = labels[labels.Id != NEW_WHALE]
+        self.known_photos = [Path(self.cfg.data) / "train" / n for n in labels.Image]
+        self.photos_of = {}
+        for index, wid in enumerate(labels.Id):
+            self.photos_of.setdefault(wid, []).append(index)
+
+    # The queue
+
+    def add(self, name: str, data: bytes) -> Query:
+        """Store an uploaded photo and queue it; the same photo uploaded again is the same query."""
+        suffix = check_upload(name, data, self.max_upload_bytes)
+        qid = hashlib.sha256(data).hexdigest()[:16]
+        with self.lock:
+            if qid in self.queue:
+                return self.queue[qid]
+            path = self.photos_dir / f"{qid}{suffix}"
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(data)
+            array, problem = self.loader.load(path)
+            if problem:
+                path.unlink(missing_ok=True)
+                raise ReviewError(f"{name}: {problem}", 415)
+            self.queue[qid] = Query(qid, Path(name).name or qid, path, _now())
+            self._save_queue()
+            self._score(qid, array)
+            return self.queue[qid]
+
+    def _save_queue(self) -> None:
+        rows = [(q.qid, q.name, q.file.name, q.added) for q in self.queue.values()]
+        write_csv(pd.DataFrame(rows, columns=QUEUE_COLUMNS), self.queue_path)
+
+    def get(self, qid: str) -> Query:
+        if qid not in self.queue:
+            raise ReviewError(f"no query photo {qid!r} in this review", 404)
+        return self.queue[qid]
+
+    def decisions_of(self, qid: str) -> list[dict]:
+        """The decisions recorded for a query, oldest first."""
+        return self.log[self.log["query"] == qid].to_dict("records")
+
+    def status(self, qid: str) -> str:
+        """'pending', or the latest decision."""
+        made = self.decisions_of(qid)
+        return made[-1]["decision"] if made else "pending"
+
+    def progress(self) -> tuple[int, int]:
+        """(queries with a decision, queries)."""
+        with self.lock:
+            decided = sum(self.status(q) != "pending" for q in self.queue)
+            return decided, len(self.queue)
+
+    def next_pending(self, after: str | None = None) -> str | None:
+        """The first query without a decision, preferring those after `after` in the queue."""
+        order = list(self.queue)
+        if after in self.queue:
+            i = order.index(after)
+            order = order[i + 1 :] + order[: i + 1]
+        return next((q for q in order if self.status(q) == "pending"), None)
+
+    # Ranking
+
+    def _score(self, qid: str, array=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(scores per id, similarity per known photo or None) of a query, computed once."""
+        if qid not in self._scored:
+            from whalefast.inference import run_model
+            from whalefast.methods import cosine_id_scores
+
+            if array is None:
+                array, problem = self.loader.load(self.get(qid).file)
+                if problem:
+                    raise ReviewError(f"{self.get(qid).name}: {problem}", 415)
+            out = run_model(self.scorer.model, [array], bs=1, tta=True, device=self.scorer.device).float().cpu()
+            if self.is_arcface:
+                cat = self.scorer.catalogue
+                sims = torch.nn.functional.normalize(out, dim=1) @ torch.nn.functional.normalize(cat["embeddings"].float(), dim=1).T
+                scores = cosine_id_scores(out, cat["embeddings"], cat["labels"], len(cat["ids"]))
+                self._scored[qid] = (scores[0], sims[0])
+            else:
+                self._scored[qid] = (torch.softmax(out, dim=1)[0], None)
+        return self._scored[qid]
+
+    def candidates(self, qid: str, n: int = 5) -> list[Candidate]:
+        """The `n` most likely whales for a query, one per id, each with its known photos (most similar first)."""
+        if n < 1:
+            raise ReviewError(f"the number of candidates must be at least 1, got {n}")
+        with self.lock:
+            scores, sims = self._score(qid)
+            ids = self.scorer.ids
+            has_photos = torch.tensor([bool(self.photos_of.get(i)) for i in ids])
+            scores = torch.where(has_photos, scores, torch.full_like(scores, -float("inf")))
+            top = scores.topk(min(n, int(has_photos.sum()))).indices.tolist()
+            out = []
+            for rank, i in enumerate(top, start=1):
+                photos = self.photos_of.get(ids[i], [])
+                if sims is not None:
+                    photos = sorted(photos, key=lambda j: -float(sims[j]))
+                out.append(Candidate(rank, ids[i], float(scores[i]), photos))
+            return out
+
+    @property
+    def threshold(self) -> float | None:
+        return self.scorer.threshold
+
+    def known_ids(self) -> set[str]:
+        return {i for i, photos in self.photos_of.items() if photos}
+
+    # Decisions
+
+    def decide(self, qid: str, decision: str, whale_id: str = "", comment: str = "", expected: int | None = None) -> dict:
+        """Record a decision on a query; for arcface runs a same/new decision adds the photo to the catalogue.
+
+        `expected` is how many decisions the reviewer saw on the page: if another reviewer decided
+        meanwhile, the decision is refused (nothing is lost) and the page says what happened.
+        """
+        whale_id, comment = whale_id.strip(), comment.strip()
+        if decision not in DECISIONS:
+            raise ReviewError(f"unknown decision {decision!r}; choose one of {', '.join(DECISIONS)}")
+        with self.lock:
+            query = self.get(qid)
+            made = self.decisions_of(qid)
+            if made and made[-1]["decision"] in FINAL:
+                last = made[-1]
+                raise ReviewError(f"{query.name} was already decided ({DECISIONS[last['decision']]} {last['id']}, {last['time']}); reload the page", 409)
+            if expected is not None and expected != len(made):
+                raise ReviewError(f"{query.name} got another decision while you looked at it; reload the page to see it", 409)
+            known = self.known_ids()
+            if decision == "same" and whale_id not in known:
+                raise ReviewError(f"{whale_id or 'no id'}: not a known whale; pick a candidate or choose 'new whale'")
+            if decision == "new":
+                if not whale_id or any(c.isspace() for c in whale_id) or whale_id == NEW_WHALE:
+                    raise ReviewError("a new whale needs an id without spaces (not new_whale)")
+                if whale_id in known:
+                    raise ReviewError(f"{whale_id} is already a known whale; choose 'same whale' for it instead")
+            if decision == "unsure":
+                whale_id = ""
+            ranked = self.candidates(qid, n=len(self.scorer.ids))
+            rank = next((c.rank for c in ranked if c.id == whale_id), "")
+            score = next((f"{c.score:.4f}" for c in ranked if c.id == whale_id), "")
+            catalogue = ""
+            if decision in FINAL and self.is_arcface:
+                catalogue = self._add_to_catalogue(query, whale_id)
+            row = {
+                "time": _now(),
+                "query": qid,
+                "photo": query.name,
+                "decision": decision,
+                "id": whale_id,
+                "rank": str(rank),
+                "score": score,
+                "top_id": ranked[0].id if ranked else "",
+                "top_score": f"{ranked[0].score:.4f}" if ranked else "",
+                "comment": comment,
+                "catalogue": catalogue,
+            }
+            log = pd.concat([self.log, pd.DataFrame([row], columns=LOG_COLUMNS)], ignore_index=True)
+            write_csv(log, self.log_path)
+            self.log = log
+            return row
+
+    def _add_to_catalogue(self, query: Query, whale_id: str) -> str:
+        from whalefast.catalogue import add_photos, load_catalogue
+
+        result = add_photos(self.run_dir, [(query.file, whale_id)], source="review")
+        self.scorer.catalogue = load_catalogue(self.run_dir)
+        self.scorer.ids = list(self.scorer.catalogue["ids"])
+        self._scored.clear()  # every score is against the grown catalogue now
+        self._load_known_photos()
+        return "added" if result["added_photos"] else "already there"
+
+    def export(self) -> bytes:
+        """The review log as CSV bytes."""
+        with self.lock:
+            return self.log.to_csv(index=False).encode()

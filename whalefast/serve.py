@@ -1,0 +1,167 @@
+"""The match-review web app (`whalefast serve`): FastAPI pages over whalefast.review, served by uvicorn."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from fastapi import FastAPI, Form, Request, UploadFile
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+
+from whalefast.errors import WhalefastError
+from whalefast.review import DECISIONS, FINAL, Review, ReviewError
+
+TEMPLATES = Path(__file__).parent / "templates"
+MAX_FILES_PER_UPLOAD = 500
+
+
+def create_app(run_dir: str | os.PathLike, max_upload_bytes: int | None = None):
+    """The FastAPI app reviewing matches of the trained run in `run_dir`."""
+    review = Review(run_dir, **({"max_upload_bytes": max_upload_bytes} if max_upload_bytes else {}))
+    templates = Jinja2Templates(directory=str(TEMPLATES))
+    app = FastAPI(title="whalefast review", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.review = review
+
+    def page(request: Request, name: str, http_status: int = 200, errors=(), notices=(), **context) -> HTMLResponse:
+        done, total = review.progress()
+        common = {
+            "model": review.run_dir.name,
+            "method": review.cfg.method,
+            "n_ids": len(review.known_ids()),
+            "done": done,
+            "total": total,
+            "errors": list(errors),
+            "notices": decided_notice(request) + list(notices),
+        }
+        return templates.TemplateResponse(request, name, {**common, **context}, status_code=http_status)
+
+    def decided_notice(request: Request) -> list[str]:
+        """After a decision redirects to the next photo, the page confirms what was recorded (?decided=QUERY)."""
+        qid = request.query_params.get("decided")
+        made = review.decisions_of(qid) if qid in review.queue else []
+        if not made:
+            return []
+        row = made[-1]
+        note = f"{row['photo']}: {DECISIONS[row['decision']]} {row['id']}".strip()
+        return [note + (f" (added to the catalogue of {review.run_dir.name})" if row["catalogue"] == "added" else "")]
+
+    def index(request: Request, status: int = 200, errors=(), notices=()) -> HTMLResponse:
+        rows = []
+        for q in list(review.queue.values()):
+            state = review.status(q.qid)
+            made = review.decisions_of(q.qid)
+            best = review.candidates(q.qid, 1)
+            rows.append(
+                {
+                    "qid": q.qid,
+                    "name": q.name,
+                    "status": state,
+                    "status_text": "pending" if state == "pending" else f"{DECISIONS[state]} {made[-1]['id']}".strip(),
+                    "best": f"{best[0].id} ({best[0].score:.3f})" if best else "",
+                    "added": q.added,
+                }
+            )
+        return page(request, "index.html", status, errors, notices, queue=rows, next_pending=review.next_pending())
+
+    def query_page(request: Request, qid: str, n: int = 5, status: int = 200, errors=(), notices=()) -> HTMLResponse:
+        query = review.get(qid)
+        state = review.status(qid)
+        made = review.decisions_of(qid)
+        return page(
+            request,
+            "query.html",
+            status,
+            errors,
+            notices,
+            query=query,
+            n=n,
+            candidates=review.candidates(qid, n),
+            decisions=made,
+            status=state,
+            status_text="pending" if state == "pending" else f"{DECISIONS[state]} {made[-1]['id']}".strip(),
+            final=state in FINAL,
+            threshold=review.threshold,
+            next_pending=review.next_pending(after=qid),
+        )
+
+    @app.exception_handler(ReviewError)
+    def review_error(request: Request, exc: ReviewError):
+        return index(request, exc.status, errors=[str(exc)])
+
+    @app.get("/", response_class=HTMLResponse)
+    def home(request: Request):
+        return index(request)
+
+    @app.post("/upload", response_class=HTMLResponse)
+    def upload(request: Request, files: list[UploadFile] | None = None):
+        files = [f for f in (files or []) if f.filename]
+        if not files:
+            return index(request, 400, errors=["no photos chosen"])
+        if len(files) > MAX_FILES_PER_UPLOAD:
+            return index(request, 413, errors=[f"{len(files)} files in one upload; at most {MAX_FILES_PER_UPLOAD}"])
+        errors, added = [], []
+        for f in files:
+            data = f.file.read(review.max_upload_bytes + 1)  # never more than the limit in memory
+            try:
+                added.append(review.add(f.filename, data).name)
+            except ReviewError as e:
+                errors.append(str(e))
+        notices = [f"added {len(added)} photo{'s' if len(added) != 1 else ''} to the queue"] if added else []
+        return index(request, 200 if added else 400, errors=errors, notices=notices)
+
+    @app.get("/query/{qid}", response_class=HTMLResponse)
+    def show_query(request: Request, qid: str, n: int = 5):
+        return query_page(request, qid, max(1, min(n, 50)))
+
+    @app.post("/query/{qid}/decide", response_class=HTMLResponse)
+    def decide(
+        request: Request,
+        qid: str,
+        decision: str = Form(""),
+        same_id: str = Form(""),
+        new_id: str = Form(""),
+        comment: str = Form(""),
+        expected: int | None = Form(None),
+        n: int = Form(5),
+    ):
+        if same_id and not decision:
+            decision = "same"
+        whale_id = same_id if decision == "same" else new_id
+        try:
+            review.decide(qid, decision, whale_id, comment, expected)
+        except ReviewError as e:
+            review.get(qid)  # an unknown query is a 404 on the queue page
+            return query_page(request, qid, n, e.status, errors=[str(e)])
+        following = review.next_pending(after=qid)
+        target = f"/query/{following}?n={n}&decided={qid}" if following else f"/?decided={qid}"
+        return RedirectResponse(target, status_code=303)
+
+    @app.get("/photo/query/{qid}")
+    def query_photo(qid: str):
+        return FileResponse(review.get(qid).file)
+
+    @app.get("/photo/known/{index}")
+    def known_photo(index: int):
+        if not 0 <= index < len(review.known_photos) or not review.known_photos[index].is_file():
+            return Response("photo not found", status_code=404, media_type="text/plain")
+        return FileResponse(review.known_photos[index])
+
+    @app.get("/export.csv")
+    def export():
+        return Response(review.export(), media_type="text/csv", headers={"Content-Disposition": 'attachment; filename="review_log.csv"'})
+
+    return app
+
+
+def serve(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Start the review app on host:port (127.0.0.1: this machine only) until interrupted."""
+    import uvicorn
+
+    from whalefast.console import console
+
+    if not 0 < port < 65536:
+        raise WhalefastError(f"--port must lie in 1..65535, got {port}")
+    app = create_app(run_dir)
+    console.print(f"whalefast review of [bold]{Path(run_dir).name}[/bold] at [bold]http://{host}:{port}/[/bold] (Ctrl-C stops it)")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
