@@ -156,3 +156,26 @@ def test_pages_upload_decide_and_export(arc_run, tiny_data):
 def test_serve_unknown_model_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["serve", "--model", "nosuch", "--models-dir", str(tmp_path)])
     assert result.exit_code == 1 and "no such model" in result.output and "Traceback" not in result.output
+
+
+def test_huge_uploads_and_conflicting_catalogue_photos_get_a_message(arc_run, tiny_data):
+    from fastapi.testclient import TestClient
+
+    from whalefast.serve import create_app
+
+    client = TestClient(create_app(arc_run, max_upload_bytes=2000))
+    name, data = _photo_bytes(tiny_data)
+    assert len(data) > 2000
+    big = client.post("/upload", files=[("files", (name, data, "image/jpeg"))])
+    assert big.status_code == 400 and f"{name}: too large" in big.text and "the limit is 2 KB" in big.text
+
+    review = Review(arc_run)
+    cat = load_catalogue(arc_run)
+    known = cat["photos"][0]
+    owner = cat["ids"][int(cat["labels"][0])]
+    other = next(i for i in review.known_ids() if i != owner)
+    query = review.add("copy-of-a-catalogue-photo.jpg", open(known, "rb").read())
+    with pytest.raises(ReviewError, match=f"already catalogued as {owner}") as e:
+        review.decide(query.qid, "same", other)
+    assert e.value.status == 409 and review.status(query.qid) == "pending"
+    assert review.decide(query.qid, "same", owner)["catalogue"] == "already there"

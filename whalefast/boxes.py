@@ -226,7 +226,7 @@ class _Images:
 def fit_boxes(cfg: BoxConfig) -> dict:
     """Train the box regressor on cfg.boxes; report IoU on held-out photos; save it in models/NAME/."""
     from whalefast.models import build_learner, get_arch
-    from whalefast.train import Checkpoints, quiet_progress
+    from whalefast.train import Checkpoints, StopOnNonFiniteLoss, quiet_progress
 
     get_arch(cfg.arch)
     if cfg.epochs < 1:
@@ -258,7 +258,7 @@ def fit_boxes(cfg: BoxConfig) -> dict:
     quiet_progress(learn)
     run_dir = cfg.run_dir
     checkpoints = Checkpoints(run_dir, config=asdict(cfg), resumable=False)
-    learn.fit_one_cycle(cfg.epochs, lr_max=cfg.lr, cbs=[checkpoints])
+    learn.fit_one_cycle(cfg.epochs, lr_max=cfg.lr, cbs=[StopOnNonFiniteLoss(cfg.lr), checkpoints])
     learn.model.load_state_dict(torch.load(run_dir / "model.pth", map_location="cpu", weights_only=True))
 
     valid = items[items.is_valid].reset_index(drop=True)

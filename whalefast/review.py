@@ -65,10 +65,18 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _megabytes(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"
+
+
+def too_large(name: str, size: int, max_bytes: int = MAX_UPLOAD_BYTES) -> ReviewError:
+    return ReviewError(f"{name}: too large ({_megabytes(size)}; the limit is {_megabytes(max_bytes)})", 413)
+
+
 def check_upload(name: str, data: bytes, max_bytes: int = MAX_UPLOAD_BYTES) -> str:
     """The file suffix to store an uploaded photo under, or a ReviewError saying why it is refused."""
     if len(data) > max_bytes:
-        raise ReviewError(f"{name}: too large ({len(data) / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.0f} MB)", 413)
+        raise too_large(name, len(data), max_bytes)
     if not data:
         raise ReviewError(f"{name}: empty file")
     try:
@@ -286,7 +294,10 @@ class Review:
     def _add_to_catalogue(self, query: Query, whale_id: str) -> str:
         from whalefast.catalogue import add_photos, load_catalogue
 
-        result = add_photos(self.run_dir, [(query.file, whale_id)], source="review")
+        try:
+            result = add_photos(self.run_dir, [(query.file, whale_id)], source="review")
+        except WhalefastError as e:  # e.g. the photo is already catalogued under another id: nothing changes
+            raise ReviewError(str(e), 409) from None
         self.scorer.catalogue = load_catalogue(self.run_dir)
         self.scorer.ids = list(self.scorer.catalogue["ids"])
         self._scored.clear()  # every score is against the grown catalogue now

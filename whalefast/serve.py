@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from fastapi.templating import Jinja2Templates
 
 from whalefast.errors import WhalefastError
-from whalefast.review import DECISIONS, FINAL, Review, ReviewError
+from whalefast.review import DECISIONS, FINAL, Review, ReviewError, too_large
 
 TEMPLATES = Path(__file__).parent / "templates"
 MAX_FILES_PER_UPLOAD = 500
@@ -102,8 +102,10 @@ def create_app(run_dir: str | os.PathLike, max_upload_bytes: int | None = None):
             return index(request, 413, errors=[f"{len(files)} files in one upload; at most {MAX_FILES_PER_UPLOAD}"])
         errors, added = [], []
         for f in files:
-            data = f.file.read(review.max_upload_bytes + 1)  # never more than the limit in memory
             try:
+                if f.size is not None and f.size > review.max_upload_bytes:
+                    raise too_large(f.filename, f.size, review.max_upload_bytes)
+                data = f.file.read(review.max_upload_bytes + 1)  # never more than the limit in memory
                 added.append(review.add(f.filename, data).name)
             except ReviewError as e:
                 errors.append(str(e))
