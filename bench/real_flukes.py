@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from whalefast.boxes import BoxConfig, fit_boxes, read_boxes
+from whalefast.boxes import BoxConfig, fit_boxes, write_training_boxes
 from whalefast.evaluate import evaluate
 from whalefast.prepare import PrepareConfig, prepare
 from whalefast.recipes import recipe
@@ -44,15 +44,6 @@ def private_copy(source: Path, work: Path) -> Path:
     return data
 
 
-def train_boxes_only(data: Path) -> Path:
-    """boxes.csv restricted to the training photos: what a box model may learn from."""
-    boxes = read_boxes(data / "boxes.csv")
-    train = set(pd.read_csv(data / "train.csv").Image)
-    path = data.parent / "train_boxes.csv"
-    boxes[boxes.Image.isin(train)].to_csv(path, index=False)
-    return path
-
-
 def run(args) -> pd.DataFrame:
     work = Path(args.work or tempfile.mkdtemp(prefix="whalefast-real-"))
     data = private_copy(Path(args.data), work)
@@ -61,7 +52,7 @@ def run(args) -> pd.DataFrame:
     box_seconds = 0.0
     if "predicted" in args.crops:
         start = time.time()
-        box = fit_boxes(BoxConfig(data=str(data), boxes=str(train_boxes_only(data)), models_dir=str(models), name="boxes", **BOX_RECIPE))
+        box = fit_boxes(BoxConfig(data=str(data), boxes=str(write_training_boxes(data / "boxes.csv", data / "train.csv", work / "train_boxes.csv")), models_dir=str(models), name="boxes", **BOX_RECIPE))
         box_seconds = time.time() - start
         print(f"box model: held-out IoU {box['iou_mean']:.3f} (>= 0.5: {box['iou_at_least_0.5']:.1%}) in {box_seconds:.0f} s", flush=True)
     for crop in args.crops:

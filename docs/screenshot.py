@@ -1,6 +1,7 @@
 """Make docs/review.png: the review page of a trained run, in headless Chromium (Debian's chromium and chromedriver).
 
     python docs/screenshot.py --model demo-arcface --photos data/demo/test --n 3
+    python docs/screenshot.py --model demo-arcface --photos data/demo/test/00d6a101.jpg data/demo/test/01ea2f30.jpg data/demo/test/02c91c2c.jpg   # what README shows
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="demo-arcface")
     parser.add_argument("--models-dir", default="models")
-    parser.add_argument("--photos", default="data/demo/test")
+    parser.add_argument("--photos", nargs="+", default=["data/demo/test"], help="photos or folders of photos")
     parser.add_argument("--n", type=int, default=3, help="photos to upload")
     parser.add_argument("--out", default=str(Path(__file__).parent / "review.png"))
     parser.add_argument("--port", type=int, default=8765)
@@ -34,12 +35,12 @@ def main():
         time.sleep(0.05)
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1150"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1950"):
         options.add_argument(arg)
     browser = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
     try:
         browser.get(f"http://127.0.0.1:{args.port}/")
-        photos = sorted(Path(args.photos).iterdir())[: args.n]
+        photos = [p for arg in map(Path, args.photos) for p in (sorted(arg.iterdir()) if arg.is_dir() else [arg])][: args.n]
         browser.find_element(By.ID, "files").send_keys("\n".join(str(p.resolve()) for p in photos))
         browser.find_element(By.CSS_SELECTOR, "#upload button[type=submit]").click()
         browser.find_element(By.ID, "start").click()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from whalefast.boxes import BoxConfig, box_iou, fit_boxes, read_boxes, shift_and_flip
+from whalefast.boxes import BoxConfig, box_iou, fit_boxes, read_boxes, shift_and_flip, write_training_boxes
 from whalefast.data import image_cache
 from whalefast.errors import WhalefastError
 from whalefast.io import load_image, parse_size, widen_box
@@ -37,6 +37,14 @@ def test_bad_boxes_files_are_one_line_errors(tmp_path, text, message):
     (tmp_path / "boxes.csv").write_text(text)
     with pytest.raises(WhalefastError, match=message):
         read_boxes(tmp_path / "boxes.csv")
+
+
+def test_training_boxes_leave_out_the_test_photos(tmp_path):
+    (tmp_path / "boxes.csv").write_text("Image,x0,y0,x1,y1\na.jpg,1,2,30,40\nt.jpg,0,0,5,5\nb.jpg,3,4,50,60\n")
+    (tmp_path / "train.csv").write_text("Image,Id\na.jpg,w_0000001\nb.jpg,new_whale\nc.jpg,w_0000002\n")
+    out = write_training_boxes(tmp_path / "boxes.csv", tmp_path / "train.csv", tmp_path / "out" / "train_boxes.csv")
+    kept = read_boxes(out)
+    assert kept.Image.tolist() == ["a.jpg", "b.jpg"] and kept.loc[1, ["x0", "y0", "x1", "y1"]].tolist() == [3, 4, 50, 60]
 
 
 def test_sizes_parse_as_height_by_width():

@@ -52,6 +52,15 @@ def read_boxes(path: str | os.PathLike) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
+def write_training_boxes(boxes_csv: str | os.PathLike, labels_csv: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """The boxes of the labelled (training) photos alone, written to out: what an honest box model may learn from."""
+    from whalefast.io import read_labels
+
+    boxes = read_boxes(boxes_csv)
+    train = set(read_labels(labels_csv).Image)
+    return write_csv(boxes[boxes.Image.isin(train)], out)
+
+
 def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Intersection over union of paired boxes (x0, y0, x1, y1), row by row."""
     a, b = torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32)
