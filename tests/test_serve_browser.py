@@ -17,7 +17,7 @@ CHROMEDRIVER = shutil.which("chromedriver")
 
 def _browser():
     if not (CHROMIUM and CHROMEDRIVER):
-        message = "needs Debian's chromium and chromium-driver (scripts/test.sh installs them)"
+        message = "needs Debian's chromium and chromium-driver (scripts/install-test-deps.sh installs them)"
         if os.environ.get("WHALEFAST_REQUIRE_BROWSER"):
             pytest.fail(message)
         pytest.skip(message)
