@@ -7,7 +7,6 @@ import shutil
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
 
 from whalefast.catalogue import add_to_catalogue, load_catalogue

@@ -16,13 +16,12 @@ from fastai.data.core import DataLoaders
 from fastai.metrics import AvgMetric
 from fastai.optimizer import Adam
 from fastai.torch_core import set_seed
-from PIL import Image
 from torch import nn
 from torchvision.ops import generalized_box_iou_loss
 
 from whalefast.console import console, progress_bar
 from whalefast.errors import WhalefastError
-from whalefast.io import read_csv_file, write_csv, write_json
+from whalefast.io import load_image, photo_size, read_csv_file, read_labels, write_csv, write_json
 
 BOX_COLUMNS = ["x0", "y0", "x1", "y1"]
 BOXES_KIND = "boxes"  # config.json's "kind" for a box model
@@ -54,8 +53,6 @@ def read_boxes(path: str | os.PathLike) -> pd.DataFrame:
 
 def write_training_boxes(boxes_csv: str | os.PathLike, labels_csv: str | os.PathLike, out: str | os.PathLike) -> Path:
     """The boxes of the labelled (training) photos alone, written to out: what an honest box model may learn from."""
-    from whalefast.io import read_labels
-
     boxes = read_boxes(boxes_csv)
     train = set(read_labels(labels_csv).Image)
     return write_csv(boxes[boxes.Image.isin(train)], out)
@@ -74,14 +71,6 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean IoU of a batch of predicted boxes (the fastai metric)."""
     return box_iou(pred.as_subclass(torch.Tensor), target.as_subclass(torch.Tensor)).mean()
-
-
-def photo_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) of a photo as whalefast shows it (EXIF orientation applied), read from its header."""
-    from whalefast.io import _upright_size
-
-    with Image.open(path) as im:
-        return _upright_size(im)
 
 
 @dataclass
@@ -215,11 +204,12 @@ def box_items(data: Path, boxes: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["Image", "Folder", *BOX_COLUMNS, "fx0", "fy0", "fx1", "fy1"])
 
 
-def _whole_photo_cache(data: Path, folder: str, names: list[str], size: int):
+def whole_photo_cache(folder: Path, names: list[str], size: int, cache_dir: Path):
+    """The decoded-image cache of whole photos squashed to size x size: what a box model sees."""
     from whalefast.cache import build_cache
 
-    with progress_bar(f"caching {folder}/ at {size}px for boxes", len(names)) as advance:
-        return build_cache(data / folder, names, data / "prepared" / "cache", (size, size), progress=advance)
+    with progress_bar(f"caching {folder.name}/ at {size}px for boxes", len(names)) as advance:
+        return build_cache(folder, names, cache_dir, (size, size), progress=advance)
 
 
 class _Images:
@@ -253,7 +243,7 @@ def fit_boxes(cfg: BoxConfig) -> dict:
     is_valid = np.zeros(len(items), dtype=bool)
     is_valid[rng.permutation(len(items))[: max(1, int(round(cfg.valid_pct * len(items))))]] = True
     items["is_valid"] = is_valid
-    caches = {f: _whole_photo_cache(data, f, items.Image[items.Folder == f].tolist(), cfg.size) for f in sorted(set(items.Folder))}
+    caches = {f: whole_photo_cache(data / f, items.Image[items.Folder == f].tolist(), cfg.size, data / "prepared" / "cache") for f in sorted(set(items.Folder))}
     images = _Images(caches, dict(zip(items.Image, items.Folder)))
     train_ds, valid_ds = BoxDataset(images, items[~items.is_valid]), BoxDataset(images, items[items.is_valid])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -299,45 +289,47 @@ def predict_fractions(model: nn.Module, arrays, device, bs: int = 64) -> torch.T
     return torch.cat(out) if out else torch.zeros(0, 4)
 
 
-def load_box_model(run_dir: str | os.PathLike, device: torch.device | None = None) -> tuple[nn.Module, BoxConfig]:
-    """A trained box regressor (eval mode) and its config."""
-    import json
+class BoxModel:
+    """A trained box regressor, loaded once (eval mode): fluke boxes in pixels for whole photos."""
 
-    from whalefast.models import build_model, get_arch
+    def __init__(self, run_dir: str | os.PathLike, device: torch.device | None = None):
+        import json
 
-    run_dir = Path(run_dir)
-    path = run_dir / "config.json"
-    if not path.is_file() or json.loads(path.read_text()).get("kind") != BOXES_KIND:
-        raise WhalefastError(f"{run_dir}: not a box model (train one with `whalefast boxes fit`)")
-    raw = json.loads(path.read_text())
-    cfg = BoxConfig(**{k: v for k, v in raw.items() if k in BoxConfig.__dataclass_fields__})
-    model = build_model(cfg.arch, 4, head=BoxHead(get_arch(cfg.arch).features))
-    weights = run_dir / "model.pth"
-    if not weights.is_file():
-        raise WhalefastError(f"{weights}: not found; did `whalefast boxes fit --name {run_dir.name}` finish?")
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), cfg
+        from whalefast.models import build_model, get_arch
+
+        run_dir = Path(run_dir)
+        path = run_dir / "config.json"
+        raw = json.loads(path.read_text()) if path.is_file() else {}
+        if raw.get("kind") != BOXES_KIND:
+            raise WhalefastError(f"{run_dir}: not a box model (train one with `whalefast boxes fit`)")
+        self.cfg = BoxConfig(**{k: v for k, v in raw.items() if k in BoxConfig.__dataclass_fields__})
+        model = build_model(self.cfg.arch, 4, head=BoxHead(get_arch(self.cfg.arch).features))
+        weights = run_dir / "model.pth"
+        if not weights.is_file():
+            raise WhalefastError(f"{weights}: not found; did `whalefast boxes fit --name {run_dir.name}` finish?")
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(self.device).eval()
+
+    def boxes(self, paths: list[Path], arrays=None) -> np.ndarray:
+        """(N, 4) boxes (x0, y0, x1, y1) in pixels of each photo; `arrays` are the photos already decoded at the model's size."""
+        if arrays is None:
+            arrays = [load_image(p, (self.cfg.size, self.cfg.size)) for p in paths]
+        fractions = predict_fractions(self.model, arrays, self.device).numpy()
+        sizes = np.array([photo_size(p) for p in paths], dtype=float).reshape(-1, 2)
+        return fractions * np.concatenate([sizes, sizes], axis=1)
 
 
-def predict_boxes(run_dir: str | os.PathLike, folder: str | os.PathLike, names: list[str], cache_dir: str | os.PathLike | None = None) -> pd.DataFrame:
-    """Predicted boxes (Image,x0,y0,x1,y1 in pixels) for photos in `folder`; unreadable photos are left out."""
-    from whalefast.cache import build_cache
-    from whalefast.io import load_image
-
-    model, cfg = load_box_model(run_dir)
-    device = next(model.parameters()).device
+def predict_boxes(box_model: BoxModel | str | os.PathLike, folder: str | os.PathLike, names: list[str], cache_dir: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Predicted boxes (Image,x0,y0,x1,y1 in pixels) for photos in `folder`; with `cache_dir`, unreadable photos are left out."""
+    model = box_model if isinstance(box_model, BoxModel) else BoxModel(box_model)
     folder = Path(folder)
+    arrays = None
     if cache_dir is not None:
-        with progress_bar(f"caching {folder.name}/ at {cfg.size}px for boxes", len(names)) as advance:
-            images = build_cache(folder, names, cache_dir, (cfg.size, cfg.size), progress=advance)
+        images = whole_photo_cache(folder, names, model.cfg.size, Path(cache_dir))
         names = [n for n in names if n not in images.problems]
         arrays = [images[n] for n in names]
-    else:
-        arrays = [load_image(folder / n, (cfg.size, cfg.size)) for n in names]
-    fractions = predict_fractions(model, arrays, device).numpy()
-    sizes = np.array([photo_size(folder / n) for n in names], dtype=float).reshape(-1, 2)
-    pixels = fractions * np.concatenate([sizes, sizes], axis=1)
+    pixels = model.boxes([folder / n for n in names], arrays)
     return pd.DataFrame({"Image": names, **{c: pixels[:, i] for i, c in enumerate(BOX_COLUMNS)}})
 
 

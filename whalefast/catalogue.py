@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from whalefast import NEW_WHALE
 from whalefast.errors import WhalefastError
 from whalefast.io import atomic_path, read_labels
 
@@ -72,12 +73,15 @@ def load_catalogue(run_dir: str | os.PathLike) -> dict:
     return catalogue
 
 
-def photos_by_id(catalogue: dict) -> dict[str, list[str]]:
-    """Each id's catalogue photos (file paths), in catalogue order."""
-    out: dict[str, list[str]] = {}
-    for label, photo in zip(catalogue["labels"].tolist(), catalogue["photos"]):
-        out.setdefault(catalogue["ids"][label], []).append(photo)
-    return out
+def known_photos(cfg, catalogue: dict | None = None) -> list[tuple[Path, str]]:
+    """(photo, id) of every known whale's photos: the catalogue's in its order (arcface), else the training photos (softmax)."""
+    if catalogue is not None:
+        return [(Path(p), catalogue["ids"][label]) for p, label in zip(catalogue["photos"], catalogue["labels"].tolist())]
+    data = Path(cfg.data)
+    clean = cfg.prepared_dir / "train_clean.csv"
+    labels = pd.read_csv(clean if clean.exists() else data / "train.csv", dtype=str, keep_default_na=False)
+    labels = labels[labels.Id != NEW_WHALE]
+    return [(data / "train" / n, i) for n, i in zip(labels.Image, labels.Id)]
 
 
 @dataclass

@@ -362,7 +362,7 @@ def demo(
     method: MethodOpt = "arcface",
     epochs: EpochsOpt = 6,
 ):
-    """The main job on the embedded demo data: synth, prepare with fluke crops, fit, submit, evaluate; prints validation and test MAP@5."""
+    """The main job on the embedded demo data: synth, boxes fit, prepare with its fluke crops, fit, submit, evaluate; prints IoU and MAP@5."""
     from whalefast.demo import run_demo
 
     _run(run_demo, data, models_dir, method=method, epochs=epochs)

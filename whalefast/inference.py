@@ -73,15 +73,11 @@ class PhotoLoader:
 
     def box(self, path: Path):
         """The fluke box of a photo, in its pixels, as the run's box model sees it."""
-        from whalefast.boxes import load_box_model, photo_size, predict_fractions
+        from whalefast.boxes import BoxModel
 
         if self._boxes is None:
-            self._boxes = load_box_model(self.cfg.box_model)
-        model, box_cfg = self._boxes
-        whole = load_image(path, (box_cfg.size, box_cfg.size))
-        fx0, fy0, fx1, fy1 = predict_fractions(model, [whole], next(model.parameters()).device)[0].tolist()
-        w, h = photo_size(path)
-        return fx0 * w, fy0 * h, fx1 * w, fy1 * h
+            self._boxes = BoxModel(self.cfg.box_model)
+        return tuple(self._boxes.boxes([path])[0].tolist())
 
     def load(self, path: str | os.PathLike) -> tuple[np.ndarray | None, str]:
         """(array, "") for a readable photo, (None, why) otherwise."""

@@ -178,6 +178,12 @@ def _upright_size(im: Image.Image) -> tuple[int, int]:
     return (h, w) if im.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)
 
 
+def photo_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of a photo as whalefast shows it (EXIF orientation applied), read from its header."""
+    with Image.open(path) as im:
+        return _upright_size(im)
+
+
 def widen_box(box: Box, width: int, height: int, margin: float = BOX_MARGIN) -> Box:
     """`box` grown by `margin` of its size on each side, clipped to a width x height photo."""
     x0, y0, x1, y1 = box

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pandas as pd
 
 from whalefast import NEW_WHALE
 from whalefast.errors import WhalefastError
@@ -49,16 +48,13 @@ def example_photos(run_dir: str | os.PathLike) -> dict[str, Path]:
     """One known photo per id: from the catalogue of an arcface run, else from the training data."""
     from whalefast.train import load_config
 
-    cfg = load_config(run_dir)
-    if cfg.method == "arcface":
-        from whalefast.catalogue import load_catalogue, photos_by_id
+    from whalefast.catalogue import known_photos, load_catalogue
 
-        return {i: Path(photos[0]) for i, photos in photos_by_id(load_catalogue(run_dir)).items()}
-    data = Path(cfg.data)
-    clean = cfg.prepared_dir / "train_clean.csv"
-    labels = pd.read_csv(clean if clean.exists() else data / "train.csv", dtype=str, keep_default_na=False)
-    labels = labels[labels.Id != NEW_WHALE].drop_duplicates("Id")
-    return {r.Id: data / "train" / r.Image for r in labels.itertuples()}
+    cfg = load_config(run_dir)
+    first: dict[str, Path] = {}
+    for photo, wid in known_photos(cfg, load_catalogue(run_dir) if cfg.method == "arcface" else None):
+        first.setdefault(wid, photo)
+    return first
 
 
 def review_sheet(results: list[dict], run_dir: str | os.PathLike, out: str | os.PathLike) -> Path:

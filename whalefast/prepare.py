@@ -132,7 +132,7 @@ def choose_boxes(source: str, models_dir: Path, data: Path, photos: dict[str, pd
 
     `photos` maps a folder to its hashes (Image, width, height); a box must lie within its photo.
     """
-    from whalefast.boxes import BOX_COLUMNS, load_box_model, predict_boxes, read_boxes
+    from whalefast.boxes import BOX_COLUMNS, BoxModel, predict_boxes, read_boxes
 
     kind, path = resolve_box_source(source, models_dir)
     parts = []
@@ -149,9 +149,9 @@ def choose_boxes(source: str, models_dir: Path, data: Path, photos: dict[str, pd
                 )
             parts.append(rows[["Image", *BOX_COLUMNS]].assign(Folder=folder))
     else:
-        load_box_model(path)  # a one-line error now if it is not a box model
+        model = BoxModel(path)  # loaded once; a one-line error now if it is not a box model
         for folder, hashed in photos.items():
-            parts.append(predict_boxes(path, data / folder, hashed.Image.tolist(), cache_dir).assign(Folder=folder))
+            parts.append(predict_boxes(model, data / folder, hashed.Image.tolist(), cache_dir).assign(Folder=folder))
     boxes = pd.concat(parts, ignore_index=True)[["Image", "Folder", *BOX_COLUMNS]].assign(source=kind)
     return boxes, str(path.resolve()) if kind == "model" else None
 

@@ -123,19 +123,12 @@ class Review:
 
     def _load_known_photos(self) -> None:
         """The photos shown beside candidates: catalogue entries (arcface) or training photos (softmax)."""
-        if self.is_arcface:
-            cat = self.scorer.catalogue
-            self.known_photos = [Path(p) for p in cat["photos"]]
-            self.photos_of: dict[str, list[int]] = {}
-            for index, label in enumerate(cat["labels"].tolist()):
-                self.photos_of.setdefault(cat["ids"][label], []).append(index)
-            return
-        clean = self.cfg.prepared_dir / "train_clean.csv"
-        labels = pd.read_csv(clean if clean.exists() else Path(self.cfg.data) / "train.csv", dtype=str, keep_default_na=False)
-        labels = labels[labels.Id != NEW_WHALE]
-        self.known_photos = [Path(self.cfg.data) / "train" / n for n in labels.Image]
-        self.photos_of = {}
-        for index, wid in enumerate(labels.Id):
+        from whalefast.catalogue import known_photos
+
+        known = known_photos(self.cfg, self.scorer.catalogue)
+        self.known_photos = [photo for photo, _ in known]
+        self.photos_of: dict[str, list[int]] = {}
+        for index, (_, wid) in enumerate(known):
             self.photos_of.setdefault(wid, []).append(index)
 
     # The queue
@@ -176,6 +169,11 @@ class Review:
         """'pending', or the latest decision."""
         made = self.decisions_of(qid)
         return made[-1]["decision"] if made else "pending"
+
+    def status_text(self, qid: str) -> str:
+        """'pending', or the latest decision in words with its id ("same whale w_1287fbc")."""
+        made = self.decisions_of(qid)
+        return f"{DECISIONS[made[-1]['decision']]} {made[-1]['id']}".strip() if made else "pending"
 
     def progress(self) -> tuple[int, int]:
         """(queries with a decision, queries)."""

@@ -6,6 +6,11 @@ from fastai.callback.core import Callback
 from fastcore.basics import store_attr
 
 
+def body_and_head(lr: float, head_lr_mult: float = 1.0):
+    """fastai's per-group learning rates: `lr` for the body, `lr * head_lr_mult` for the head."""
+    return lr if head_lr_mult == 1 else slice(lr, lr * head_lr_mult)
+
+
 class StepSchedule(Callback):
     """Set lr = base_lr * gamma ** (milestones passed) at the start of every epoch (torch's MultiStepLR).
 
@@ -26,5 +31,5 @@ class StepSchedule(Callback):
 
     def before_epoch(self):
         lr = self.lr_at(self.epoch)
-        self.opt.set_hyper("lr", lr if self.head_lr_mult == 1 else slice(lr, lr * self.head_lr_mult))
+        self.opt.set_hyper("lr", body_and_head(lr, self.head_lr_mult))
         self.lrs.append(lr)

@@ -50,14 +50,13 @@ def create_app(run_dir: str | os.PathLike, max_upload_bytes: int | None = None):
         rows = []
         for q in list(review.queue.values()):
             state = review.status(q.qid)
-            made = review.decisions_of(q.qid)
             best = review.candidates(q.qid, 1)
             rows.append(
                 {
                     "qid": q.qid,
                     "name": q.name,
                     "status": state,
-                    "status_text": "pending" if state == "pending" else f"{DECISIONS[state]} {made[-1]['id']}".strip(),
+                    "status_text": review.status_text(q.qid),
                     "best": f"{best[0].id} ({best[0].score:.3f})" if best else "",
                     "added": q.added,
                 }
@@ -79,7 +78,7 @@ def create_app(run_dir: str | os.PathLike, max_upload_bytes: int | None = None):
             candidates=review.candidates(qid, n),
             decisions=made,
             status=state,
-            status_text="pending" if state == "pending" else f"{DECISIONS[state]} {made[-1]['id']}".strip(),
+            status_text=review.status_text(qid),
             final=state in FINAL,
             threshold=review.threshold,
             next_pending=review.next_pending(after=qid),

@@ -30,7 +30,7 @@ from whalefast.errors import WhalefastError
 from whalefast.io import as_size, atomic_path, size_text, write_csv, write_json
 from whalefast.metrics import NEW_WHALE_TARGET, calibrate_threshold, map5, rank_with_new_whale
 from whalefast.models import build_learner, get_arch
-from whalefast.schedule import StepSchedule
+from whalefast.schedule import StepSchedule, body_and_head
 
 
 @dataclass
@@ -345,11 +345,6 @@ def make_learner(cfg: FitConfig, dls) -> Learner:
     return learn
 
 
-def body_and_head(lr: float, head_lr_mult: float = 1.0):
-    """fastai's per-group learning rates: `lr` for the body, `lr * head_lr_mult` for the head."""
-    return lr if head_lr_mult == 1 else slice(lr, lr * head_lr_mult)
-
-
 def _dataloaders(cfg: FitConfig):
     return whale_dataloaders(
         cfg.data,
@@ -403,7 +398,7 @@ def check_resume(saved: FitConfig, given: dict) -> None:
         if key in RESUMABLE_CHANGES or key not in FitConfig.__dataclass_fields__:
             continue
         old = getattr(saved, key)
-        new = FitConfig(**{**asdict(saved), key: value}).__getattribute__(key)  # normalised as the config normalises it
+        new = getattr(FitConfig(**{**asdict(saved), key: value}), key)  # normalised as the config normalises it
         if new != old:
             differ.append(f"--{key.replace('_', '-')} {value} (the run has {old})")
     if differ:
