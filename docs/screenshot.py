@@ -38,6 +38,7 @@ def main():
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1950"):
         options.add_argument(arg)
     browser = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    browser.implicitly_wait(20)  # find_element waits for the next page after a click
     try:
         browser.get(f"http://127.0.0.1:{args.port}/")
         photos = [p for arg in map(Path, args.photos) for p in (sorted(arg.iterdir()) if arg.is_dir() else [arg])][: args.n]

@@ -28,7 +28,21 @@ def _browser():
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000", "--disable-gpu"):
         options.add_argument(arg)
-    return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    browser = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    browser.implicitly_wait(20)  # find_element waits for the next page's elements
+    return browser
+
+
+def _page_once_it_shows(browser, text: str, timeout: float = 20) -> str:
+    """The page source once it contains `text`, or when `timeout` runs out: click() returns before a form's next page loads."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        WebDriverWait(browser, timeout).until(lambda b: text in b.page_source)
+    except TimeoutException:
+        pass
+    return browser.page_source
 
 
 def _free_port() -> int:
@@ -71,7 +85,7 @@ def test_upload_confirm_and_check_log_and_catalogue(server, tiny_data, tmp_path)
         assert "No query photos yet" in browser.page_source
         browser.find_element(By.ID, "files").send_keys(str(photo))
         browser.find_element(By.CSS_SELECTOR, "#upload button[type=submit]").click()
-        assert "added 1 photo to the queue" in browser.page_source
+        assert "added 1 photo to the queue" in _page_once_it_shows(browser, "added 1 photo to the queue")
         browser.find_element(By.ID, "start").click()
         cards = browser.find_elements(By.CSS_SELECTOR, "#candidates .cand")
         assert len(cards) == 5
@@ -81,7 +95,7 @@ def test_upload_confirm_and_check_log_and_catalogue(server, tiny_data, tmp_path)
         browser.find_element(By.ID, "zoom").send_keys("\ue014")  # arrow right: zoom in
         browser.save_screenshot(str(tmp_path / "review.png"))
         cards[0].find_element(By.CSS_SELECTOR, "button.same").click()
-        assert f"{photo.name}: same whale {top}" in browser.page_source
+        assert f"{photo.name}: same whale {top}" in _page_once_it_shows(browser, f"{photo.name}: same whale {top}")
         assert "Every photo has a decision" in browser.page_source
     finally:
         browser.quit()
