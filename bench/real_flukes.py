@@ -6,7 +6,7 @@ data, never on the original. Crop modes: the whole photo ("none"), the boxes giv
 ("predicted"; the test boxes are never seen). Methods: softmax and arcface, each with the settings in
 RECIPES. Prints one table row per run, wall times included, and writes the table as CSV.
 
-    python bench/real_flukes.py --data ../shared/data/real-flukes-100px               # every row (about 1.5 h on 2 CPU cores)
+    python bench/real_flukes.py --data ../shared/data/real-flukes-100px               # every row (about 2 h on 2 CPU cores)
     python bench/real_flukes.py --data ../shared/data/real-flukes-100px --crops predicted --methods arcface   # the recipe, end to end
 """
 
@@ -99,7 +99,7 @@ def main():
     parser.add_argument("--crops", nargs="+", default=["none", "given", "predicted"], choices=["none", "given", "predicted"])
     parser.add_argument("--methods", nargs="+", default=["softmax", "arcface"], choices=list(RECIPES))
     parser.add_argument("--epochs", type=int, help="override the recipes' epochs (quick checks)")
-    parser.add_argument("--valid-pct", type=float, default=0.1, help="prepare's --valid-pct: every held-out photo is one fewer to learn from")
+    parser.add_argument("--valid-pct", type=float, default=0.05, help="prepare's --valid-pct: every held-out photo is one fewer to learn from")
     parser.add_argument("--seed", type=int, default=42)
     run(parser.parse_args())
 

@@ -12,12 +12,12 @@ RECIPES: dict[str, dict] = {
     # SGD with momentum, lr 0.01 x0.1 after epochs 16 and 19, random horizontal and vertical flips.
     "reference": {},
     # Real fluke photos on a CPU (bench/real_flukes.py): ArcFace embeddings and nearest catalogue
-    # photos; efficientnet-lite0 (ImageNet weights that work offline) on aspect-true 80x160 crops in
+    # photos; efficientnet-lite0 (ImageNet weights that work offline) on aspect-true 96x192 crops in
     # grey; no oversampling, so an epoch is one pass over the photos; Adam with one-cycle.
     "flukes": dict(
         arch="efficientnet-lite0",
         method="arcface",
-        size=(80, 160),
+        size=(96, 192),
         bs=32,
         epochs=12,
         lr=2e-3,
