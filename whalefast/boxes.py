@@ -125,15 +125,6 @@ class BoxLoss(nn.Module):
         return F.l1_loss(pred, target) + generalized_box_iou_loss(pred, target, reduction="mean")
 
 
-def normalise(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) uint8 -> ImageNet-normalised float."""
-    from fastai.vision.core import imagenet_stats
-
-    mean = torch.tensor(imagenet_stats[0], device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(imagenet_stats[1], device=x.device).view(1, 3, 1, 1)
-    return (x.float() / 255 - mean) / std
-
-
 def shift_and_flip(x: torch.Tensor, boxes: torch.Tensor, max_shift: float = 0.15, zoom=(0.85, 1.3)) -> tuple[torch.Tensor, torch.Tensor]:
     """Random horizontal flips, zooms and shifts of a batch, with its boxes (fractions of the photo) moved to match."""
     n, device = len(x), x.device
@@ -159,7 +150,9 @@ class BoxAugment(Callback):
     order = 1
 
     def before_batch(self):
-        x, boxes = normalise(self.xb[0]), self.yb[0]
+        from whalefast.inference import normalise_batch
+
+        x, boxes = normalise_batch(self.xb[0]), self.yb[0]
         if self.training:
             x, boxes = shift_and_flip(x, boxes.float())
             x = x * torch.empty(len(x), 1, 1, 1, device=x.device).uniform_(0.7, 1.3) + torch.empty(len(x), 1, 1, 1, device=x.device).uniform_(-0.3, 0.3)
@@ -279,14 +272,12 @@ def fit_boxes(cfg: BoxConfig) -> dict:
     return {"run_dir": str(run_dir), **summary}
 
 
-@torch.no_grad()
 def predict_fractions(model: nn.Module, arrays, device, bs: int = 64) -> torch.Tensor:
     """Boxes as fractions (x0, y0, x1, y1) of each photo, from (s, s, 3) uint8 arrays of whole photos."""
-    out = []
-    for start in range(0, len(arrays), bs):
-        x = torch.from_numpy(np.stack(arrays[start : start + bs])).to(device).permute(0, 3, 1, 2)
-        out.append(model(normalise(x)).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, 4)
+    from whalefast.inference import run_model
+
+    out = run_model(model, arrays, bs=bs, tta=False, device=device)
+    return out.cpu() if len(out) else torch.zeros(0, 4)
 
 
 class BoxModel:

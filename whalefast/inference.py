@@ -39,11 +39,15 @@ def load_model(run_dir: str | os.PathLike, device: torch.device | None = None) -
     return model.to(device).eval(), cfg, calibration
 
 
+def normalise_batch(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) uint8 -> ImageNet-normalised float."""
+    mean = torch.tensor(imagenet_stats[0], device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(imagenet_stats[1], device=x.device).view(1, 3, 1, 1)
+    return (x.float().div_(255) - mean) / std
+
+
 def _normalise(batch: np.ndarray, device: torch.device) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2).float().div_(255)
-    mean = torch.tensor(imagenet_stats[0], device=device).view(1, 3, 1, 1)
-    std = torch.tensor(imagenet_stats[1], device=device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return normalise_batch(torch.from_numpy(np.ascontiguousarray(batch)).to(device).permute(0, 3, 1, 2))
 
 
 @torch.no_grad()
