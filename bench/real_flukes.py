@@ -6,7 +6,7 @@ data, never on the original. Crop modes: the whole photo ("none"), the boxes giv
 ("predicted"; the test boxes are never seen). Methods: softmax and arcface, each with the settings in
 RECIPES. Prints one table row per run, wall times included, and writes the table as CSV.
 
-    python bench/real_flukes.py --data ../shared/data/real-flukes-100px               # every row (about 2 h on 2 CPU cores)
+    python bench/real_flukes.py --data ../shared/data/real-flukes-100px               # every row (about 2.5 h on 2 CPU cores)
     python bench/real_flukes.py --data ../shared/data/real-flukes-100px --crops predicted --methods arcface   # the recipe, end to end
 """
 

@@ -65,5 +65,5 @@ def tiny_softmax(tiny_data, tmp_path_factory):
 def tiny_arcface(tiny_data, tmp_path_factory):
     """A tiny arcface model fitted on the tiny dataset: (run dir, fit result)."""
     models = tmp_path_factory.mktemp("models")
-    result = fit(tiny_fit_config(tiny_data, models, name="arcface", method="arcface", embed_dim=64, scale=16.0))
+    result = fit(tiny_fit_config(tiny_data, models, name="arcface", method="arcface", embed_dim=64, scale=16.0, map_every=4))
     return models / "arcface", result

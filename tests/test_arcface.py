@@ -38,6 +38,7 @@ def test_tiny_arcface_fit_learns(tiny_arcface, tiny_data):
     run_dir, result = tiny_arcface
     history = pd.read_csv(run_dir / "history.csv")
     assert history.valid_loss.iloc[-1] < history.valid_loss.iloc[0]
+    assert history.map5.notna().tolist() == [False, False, False, True, False, True]  # map_every=4: epochs 4 and 6 (the last)
     assert result["valid_map5"] > baseline_map5(tiny_data) + 0.05
     cat = load_catalogue(run_dir)
     assert cat["embeddings"].shape[1] == 64 and len(cat["photos"]) == cat["embeddings"].shape[0]
@@ -59,3 +60,21 @@ def test_catalogue_add_makes_a_new_whale_findable(tiny_arcface, tmp_path):
     assert summary["new_ids"] == 1 and summary["ids"] == len(before["ids"]) + 1
     ranked = predict([tmp_path / "new" / "second.jpg"], run_dir, top=5)[0]["matches"]
     assert ranked[0]["id"] == "w_newbie"
+
+
+def test_only_models_trained_on_mirror_images_average_with_the_mirror(tiny_arcface, tmp_path):
+    import json
+
+    import numpy as np
+
+    from whalefast.inference import Scorer
+
+    photos = np.random.default_rng(0).integers(0, 256, size=(3, 48, 96, 3), dtype=np.uint8)
+    reference = Scorer(tiny_arcface[0])  # trained with random flips: averages each photo with its mirror image
+    assert not torch.allclose(reference.scores(photos, tta=True), reference.scores(photos, tta=False))
+    run_dir = tmp_path / "fluke"
+    shutil.copytree(tiny_arcface[0], run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "augment": "fluke"}))  # as if trained never mirrored
+    fluke = Scorer(run_dir)
+    assert torch.equal(fluke.scores(photos, tta=True), reference.scores(photos, tta=False))

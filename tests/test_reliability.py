@@ -51,6 +51,7 @@ def app_cli():
         (["--size", "12x"], "--size must be N or HEIGHTxWIDTH"),
         (["--epochs", "0"], "--epochs must be at least 1"),
         (["--bs", "0"], "--bs must be at least 1"),
+        (["--map-every", "0"], "--map-every must be at least 1"),
         (["--opt", "rmsprop"], "--opt must be sgd or adam"),
     ],
 )

@@ -159,7 +159,7 @@ def add_photos(run_dir: str | os.PathLike, photos: list[tuple[str | os.PathLike,
         labels[entry] = code[new]
     embeddings = catalogue["embeddings"]
     if arrays:
-        added = run_model(model, arrays, bs=cfg.bs, tta=True, device=next(model.parameters()).device).cpu()
+        added = run_model(model, arrays, bs=cfg.bs, tta=cfg.flip_tta, device=next(model.parameters()).device).cpu()
         embeddings = torch.cat([embeddings, torch.nn.functional.normalize(added.float(), dim=1)])
         labels = torch.cat([labels, torch.tensor([code[w] for _, w, _ in plan.new], dtype=torch.long)])
     grown = {

@@ -177,11 +177,12 @@ EmbedOpt = Annotated[int, typer.Option(help="Embedding size (arcface).", rich_he
 MarginOpt = Annotated[float, typer.Option(help="Additive angular margin in radians (arcface).", rich_help_panel=MODEL)]
 ScaleOpt = Annotated[float, typer.Option(help="Logit scale (arcface).", rich_help_panel=MODEL)]
 SubCentersOpt = Annotated[int, typer.Option(help="Sub-centres per id (arcface; 1: plain ArcFace).", rich_help_panel=MODEL)]
-AugmentOpt = Annotated[str, typer.Option(help="reference (random horizontal and vertical flips) or fluke (flip, small rotation, zoom, shift, shear, light).", rich_help_panel=TRAIN)]
+AugmentOpt = Annotated[str, typer.Option(help="reference (random horizontal and vertical flips) or fluke (small rotation, zoom, shift, shear, light; never mirrored).", rich_help_panel=TRAIN)]
 GreyOpt = Annotated[bool, typer.Option(help="Train and match on greyscale, so colour and greyscale photos look alike.", rich_help_panel=DATA)]
 HeadLrOpt = Annotated[float, typer.Option(help="The head (and ArcFace's class centres) learns this many times faster than the body.", rich_help_panel=TRAIN)]
 WorkersOpt = Annotated[Optional[int], typer.Option(help="DataLoader workers.", show_default="0 on CPU, up to 8 on GPU", rich_help_panel=TRAIN)]
 CompileOpt = Annotated[bool, typer.Option(help="torch.compile the model.", rich_help_panel=TRAIN)]
+MapEveryOpt = Annotated[int, typer.Option(help="Validation MAP@5 every N epochs and at the last (arcface embeds every training photo for it).", rich_help_panel=TRAIN)]
 
 
 @app.command()
@@ -215,6 +216,7 @@ def fit(
     grey: GreyOpt = False,
     num_workers: WorkersOpt = None,
     compile: CompileOpt = False,
+    map_every: MapEveryOpt = 1,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run NAME from its last completed epoch, with its saved settings.", rich_help_panel=TRAIN)] = False,
     distributed: Annotated[bool, typer.Option(help="Train data-parallel in the processes `accelerate launch` started.", rich_help_panel=TRAIN)] = False,
 ):
@@ -276,7 +278,7 @@ def submit(
     model: ModelOpt = "resnet50",
     models_dir: ModelsDirOpt = Path("models"),
     out: Annotated[Path, typer.Option(help="Submission file to write.", rich_help_panel=OUT)] = Path("submission.csv"),
-    tta: Annotated[bool, typer.Option(help="Average with the horizontally flipped photo.")] = True,
+    tta: Annotated[bool, typer.Option(help="Average with the horizontally flipped photo (models trained on mirrored photos; the fluke augmentation never mirrors).")] = True,
 ):
     """Write a Kaggle submission (Image,Id with five ids) for every photo in test/."""
     from whalefast.console import results, table

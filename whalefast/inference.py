@@ -122,7 +122,7 @@ class Scorer:
 
     def scores(self, arrays, tta: bool = True, progress=None) -> torch.Tensor:
         """(N, number of ids) scores for (height, width, 3) uint8 arrays."""
-        outputs = run_model(self.model, arrays, bs=self.cfg.bs, tta=tta, device=self.device, progress=progress)
+        outputs = run_model(self.model, arrays, bs=self.cfg.bs, tta=tta and self.cfg.flip_tta, device=self.device, progress=progress)
         if self.catalogue is None:
             return softmax_scores(outputs).cpu()
         from whalefast.methods import cosine_id_scores

@@ -69,16 +69,23 @@ def cosine_id_scores(queries: torch.Tensor, catalogue: torch.Tensor, labels: tor
 
 
 class CatalogueEmbedder(Callback):
-    """Before each validation, embed the training photos (the catalogue) with the current weights."""
+    """Before validation every `every` epochs and at the last, embed the training photos (the catalogue) with the current weights.
+
+    Between those epochs there is no catalogue and no MAP@5: embedding every training photo takes
+    6-12 s of a 50-80 s epoch on 2 CPU cores (the flukes recipe).
+    """
 
     order = -10
 
-    def __init__(self, bs: int = 128):
-        self.bs, self.embeddings, self.labels = bs, None, None
+    def __init__(self, bs: int = 128, every: int = 1):
+        self.bs, self.every, self.embeddings, self.labels = bs, every, None, None
 
     def before_validate(self):
         from whalefast.inference import run_model
 
+        self.embeddings = None
+        if (self.epoch + 1) % self.every and self.epoch + 1 < self.n_epoch:
+            return
         items = self.dls.items
         train = items[~items.is_valid]
         encoder = {v: i for i, v in enumerate(self.dls.vocab)}
@@ -137,7 +144,7 @@ def method_parts(cfg, dls):
         new_whale_class = dls.vocab.index(NEW_WHALE) if NEW_WHALE in dls.vocab else None
         return None, MaskedCrossEntropy(), whale_metrics(new_whale_class), []
     head = embedding_head(cfg, len(dls.vocab))
-    embedder = CatalogueEmbedder(bs=cfg.bs)
+    embedder = CatalogueEmbedder(bs=cfg.bs, every=cfg.map_every)
     metrics = [CatalogueMAP5(embedder, len(dls.vocab)), CatalogueMAP5(embedder, len(dls.vocab), top1=True)]
     return head, ArcFaceCriterion(head), metrics, [embedder]
 
@@ -152,42 +159,55 @@ def inference_model(cfg) -> nn.Module:
     return build_model(cfg.arch, len(cfg.vocab), head=head)
 
 
-def validation_scores(cfg, learn):
-    """(id scores, targets, valid loss) on the validation set with the learner's current weights, ranked as submit ranks.
+def embed_known_photos(cfg, learn) -> tuple:
+    """(rows, embeddings) of every labelled clean photo (new_whale left out) with the learner's current weights.
 
-    An arcface model ranks against a catalogue of the training photos alone, so no validation photo finds itself.
+    Validation ranks against the training ones among them and the saved catalogue holds them all, so
+    they are embedded once for both.
     """
     from whalefast.inference import run_model
 
-    valid_loss = float(learn.validate()[0])
+    items = learn.dls.items
+    known = items[items.Id != NEW_WHALE]
+    images = catalogue_images(learn.dls)
+    embeddings = run_model(learn.model.eval(), [images[n] for n in known.Image], bs=cfg.bs, tta=cfg.flip_tta, device=learn.dls.device)
+    return known, F.normalize(embeddings.float(), dim=1)
+
+
+def validation_scores(cfg, learn, known=None):
+    """(id scores, targets, valid loss) on the validation set with the learner's current weights, ranked as submit ranks.
+
+    An arcface model ranks against a catalogue of the training photos alone, so no validation photo
+    finds itself; `known` is embed_known_photos' result, when the caller already has it.
+    """
+    from whalefast.inference import run_model
+
+    embedders = [cb for cb in learn.cbs if isinstance(cb, CatalogueEmbedder)]
+    with learn.removed_cbs(embedders):  # the loss is all that is wanted here; the catalogue is embedded once, below
+        valid_loss = float(learn.validate()[0])
     items = learn.dls.items
     valid = items[items.is_valid]
     encoder = {v: i for i, v in enumerate(cfg.vocab)}
     new_whale_code = encoder.get(NEW_WHALE, NEW_WHALE_TARGET)
     targets = torch.tensor([encoder.get(t, new_whale_code) for t in valid.target])
     images = catalogue_images(learn.dls)
-    model = learn.model.eval()
-    outputs = run_model(model, [images[n] for n in valid.Image], bs=cfg.bs, tta=True, device=learn.dls.device)
+    outputs = run_model(learn.model.eval(), [images[n] for n in valid.Image], bs=cfg.bs, tta=cfg.flip_tta, device=learn.dls.device)
     if cfg.method == "softmax":
         return F.softmax(outputs, dim=1).cpu(), targets, valid_loss
-    train = items[~items.is_valid & items.Id.isin(encoder)]
-    embeddings = run_model(model, [images[n] for n in train.Image], bs=cfg.bs, tta=True, device=learn.dls.device)
-    labels = torch.tensor([encoder[i] for i in train.Id], device=embeddings.device)
-    return cosine_id_scores(outputs, embeddings, labels, len(cfg.vocab)).cpu(), targets, valid_loss
+    rows, embeddings = known if known is not None else embed_known_photos(cfg, learn)
+    train = (~rows.is_valid & rows.Id.isin(encoder)).to_numpy()
+    labels = torch.tensor([encoder[i] for i in rows.Id[train]], device=embeddings.device)
+    return cosine_id_scores(outputs, embeddings[torch.tensor(train, device=embeddings.device)], labels, len(cfg.vocab)).cpu(), targets, valid_loss
 
 
-def final_catalogue(cfg, learn) -> dict:
+def final_catalogue(cfg, learn, known=None) -> dict:
     """The catalogue saved with an arcface run: every labelled clean photo, the validation ones included.
 
     Validation has done its job (threshold, best epoch) by now; a whale whose only photos were held out
     for validation must still be findable by submit and predict.
     """
     from whalefast.catalogue import make_catalogue
-    from whalefast.inference import run_model
 
-    items = learn.dls.items
-    known = items[items.Id != NEW_WHALE]
-    images = catalogue_images(learn.dls)
-    embeddings = run_model(learn.model.eval(), [images[n] for n in known.Image], bs=cfg.bs, tta=True, device=learn.dls.device)
-    photos = [Path(cfg.data) / "train" / n for n in known.Image]
-    return make_catalogue(F.normalize(embeddings.float(), dim=1), cfg.vocab, known.Id.tolist(), photos)
+    rows, embeddings = known if known is not None else embed_known_photos(cfg, learn)
+    photos = [Path(cfg.data) / "train" / n for n in rows.Image]
+    return make_catalogue(embeddings, cfg.vocab, rows.Id.tolist(), photos)

@@ -12,12 +12,13 @@ RECIPES: dict[str, dict] = {
     # SGD with momentum, lr 0.01 x0.1 after epochs 16 and 19, random horizontal and vertical flips.
     "reference": {},
     # Real fluke photos on a CPU (bench/real_flukes.py): ArcFace embeddings and nearest catalogue
-    # photos; efficientnet-lite0 (ImageNet weights that work offline) on aspect-true 96x192 crops in
-    # grey; no oversampling, so an epoch is one pass over the photos; Adam with one-cycle.
+    # photos; efficientnet-lite0 (ImageNet weights that work offline) on aspect-true 112x224 crops in
+    # grey, never mirrored (augment="fluke"); no oversampling, so an epoch is one pass over the
+    # photos; Adam with one-cycle; validation MAP@5 every 4th epoch and at the last.
     "flukes": dict(
         arch="efficientnet-lite0",
         method="arcface",
-        size=(96, 192),
+        size=(112, 224),
         bs=32,
         epochs=12,
         lr=2e-3,
@@ -30,6 +31,7 @@ RECIPES: dict[str, dict] = {
         embed_dim=512,
         margin=0.4,
         scale=30.0,
+        map_every=4,
     ),
 }
 

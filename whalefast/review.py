@@ -201,7 +201,7 @@ class Review:
                 array, problem = self.loader.load(self.get(qid).file)
                 if problem:
                     raise ReviewError(f"{self.get(qid).name}: {problem}", 415)
-            out = run_model(self.scorer.model, [array], bs=1, tta=True, device=self.scorer.device).float().cpu()
+            out = run_model(self.scorer.model, [array], bs=1, tta=self.scorer.cfg.flip_tta, device=self.scorer.device).float().cpu()
             if self.is_arcface:
                 cat = self.scorer.catalogue
                 sims = torch.nn.functional.normalize(out, dim=1) @ torch.nn.functional.normalize(cat["embeddings"].float(), dim=1).T

@@ -68,6 +68,7 @@ class FitConfig:
     grey: bool = False  # train and match on greyscale: colour and greyscale photos then look alike
     num_workers: int | None = None
     compile: bool = False
+    map_every: int = 1  # validation MAP@5 every N epochs and at the last (arcface embeds every training photo for it)
     crop: bool = False  # trained on fluke crops (prepare --boxes)
     box_model: str | None = None  # the box model that crops new photos, when prepare used one
     vocab: list[str] = field(default_factory=list)
@@ -75,6 +76,14 @@ class FitConfig:
     def __post_init__(self):
         self.size = as_size(self.size)
         self.milestones = tuple(int(m) for m in self.milestones)
+
+    @property
+    def flip_tta(self) -> bool:
+        """Whether inference averages each photo with its mirror image: only for models trained on mirrored photos.
+
+        The fluke augmentation never mirrors: a mirrored fluke shows another whale's pattern.
+        """
+        return self.augment != "fluke"
 
     @property
     def run_dir(self) -> Path:
@@ -156,6 +165,11 @@ class StopOnNonFiniteLoss(Callback):
             )
 
 
+def _number(value) -> float:
+    """A logged metric as a float; NaN where the epoch has none (see fit --map-every)."""
+    return float("nan") if value is None else float(value)
+
+
 class History(Callback):
     """Write history.csv after every epoch (train/valid loss, MAP@5, top-1, lr, seconds) and redraw curves.png."""
 
@@ -184,10 +198,10 @@ class History(Callback):
         values = dict(zip(names, self.recorder.log[1 : 1 + len(names)]))
         row = {
             "epoch": self.epoch,
-            "train_loss": float(values.get("train_loss", float("nan"))),
-            "valid_loss": float(values.get("valid_loss", float("nan"))),
-            "map5": float(values.get("map5", float("nan"))),
-            "top1": float(values.get("top1", float("nan"))),
+            "train_loss": _number(values.get("train_loss")),
+            "valid_loss": _number(values.get("valid_loss")),
+            "map5": _number(values.get("map5")),
+            "top1": _number(values.get("top1")),
             "lr": float(self.opt.hypers[0]["lr"]),  # the body's (the head's is head_lr_mult times it)
             "seconds": round(time.time() - self.start, 2),
         }
@@ -266,7 +280,7 @@ def quiet_progress(learn: Learner) -> Learner:
         names = list(learn.recorder.metric_names)
         if list(row) == names:  # the header
             return
-        parts = [f"{n} {v:.4f}" if isinstance(v, float) else f"{n} {v}" for n, v in zip(names, row)]
+        parts = [f"{n} {v:.4f}" if isinstance(v, float) else f"{n} {'-' if v is None else v}" for n, v in zip(names, row)]
         console.print("  ".join(parts), highlight=False)
 
     learn.logger = log
@@ -298,8 +312,9 @@ def plot_curves(history: pd.DataFrame, path: Path) -> None:
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("loss")
     ax1.legend()
-    ax2.plot(history.epoch, history.map5, "o-", color="tab:green", label="valid MAP@5")
-    ax2.plot(history.epoch, history.top1, "o-", color="tab:olive", label="valid top-1")
+    scored = history.dropna(subset=["map5"])  # epochs without a MAP@5 (fit --map-every)
+    ax2.plot(scored.epoch, scored.map5, "o-", color="tab:green", label="valid MAP@5")
+    ax2.plot(scored.epoch, scored.top1, "o-", color="tab:olive", label="valid top-1")
     ax2.set_xlabel("epoch")
     ax2.set_ylim(0, 1)
     ax2.legend()
@@ -367,7 +382,7 @@ def check_config(cfg: FitConfig) -> None:
     for option, valid in choices.items():
         if getattr(cfg, option) not in valid:
             raise WhalefastError(f"--{option} must be {' or '.join(valid)}, got {getattr(cfg, option)!r}")
-    for option in ("epochs", "bs", "min_samples", "embed_dim", "sub_centers"):
+    for option in ("epochs", "bs", "min_samples", "embed_dim", "sub_centers", "map_every"):
         if getattr(cfg, option) < 1:
             raise WhalefastError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(cfg, option)}")
     if cfg.freeze_epochs < 0:
@@ -468,9 +483,10 @@ def fit(cfg: FitConfig, resume: bool = False, distributed: bool = False) -> dict
 
 def finish(cfg: FitConfig, learn: Learner, best_epoch: int) -> dict:
     """Calibrate the new_whale threshold on validation with the best weights; save it (and the catalogue); report the figures."""
-    from whalefast.methods import final_catalogue, validation_scores
+    from whalefast.methods import embed_known_photos, final_catalogue, validation_scores
 
-    scores, targets, valid_loss = validation_scores(cfg, learn)
+    known = embed_known_photos(cfg, learn) if cfg.method == "arcface" else None
+    scores, targets, valid_loss = validation_scores(cfg, learn, known)
     new_whale_class = _new_whale_class(cfg.vocab)
     if new_whale_class is None:
         threshold, score = calibrate_threshold(scores, targets)
@@ -484,7 +500,7 @@ def finish(cfg: FitConfig, learn: Learner, best_epoch: int) -> dict:
         if cfg.method == "arcface":
             from whalefast.catalogue import catalogue_path, save_catalogue
 
-            save_catalogue(final_catalogue(cfg, learn), catalogue_path(cfg.run_dir))
+            save_catalogue(final_catalogue(cfg, learn, known), catalogue_path(cfg.run_dir))
         write_json(calibration, cfg.run_dir / "calibration.json")
         results.print(
             f"best epoch {best_epoch} (valid loss {valid_loss:.4f}); validation MAP@5 {score:.4f}, top-1 {top1:.4f}, "
