@@ -120,9 +120,13 @@ class Scorer:
             self.catalogue = load_catalogue(run_dir)
         self.ids = list(self.catalogue["ids"] if self.catalogue else self.cfg.vocab)
 
+    def outputs(self, arrays, tta: bool = True, progress=None) -> torch.Tensor:
+        """The network's outputs (logits or embeddings) for (height, width, 3) uint8 arrays; `tta` only where the run trained on mirror images."""
+        return run_model(self.model, arrays, bs=self.cfg.bs, tta=tta and self.cfg.flip_tta, device=self.device, progress=progress)
+
     def scores(self, arrays, tta: bool = True, progress=None) -> torch.Tensor:
         """(N, number of ids) scores for (height, width, 3) uint8 arrays."""
-        outputs = run_model(self.model, arrays, bs=self.cfg.bs, tta=tta and self.cfg.flip_tta, device=self.device, progress=progress)
+        outputs = self.outputs(arrays, tta, progress)
         if self.catalogue is None:
             return softmax_scores(outputs).cpu()
         from whalefast.methods import cosine_id_scores

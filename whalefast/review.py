@@ -194,14 +194,13 @@ class Review:
     def _score(self, qid: str, array=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(scores per id, similarity per known photo or None) of a query, computed once."""
         if qid not in self._scored:
-            from whalefast.inference import run_model
             from whalefast.methods import cosine_id_scores
 
             if array is None:
                 array, problem = self.loader.load(self.get(qid).file)
                 if problem:
                     raise ReviewError(f"{self.get(qid).name}: {problem}", 415)
-            out = run_model(self.scorer.model, [array], bs=1, tta=self.scorer.cfg.flip_tta, device=self.scorer.device).float().cpu()
+            out = self.scorer.outputs([array]).float().cpu()
             if self.is_arcface:
                 cat = self.scorer.catalogue
                 sims = torch.nn.functional.normalize(out, dim=1) @ torch.nn.functional.normalize(cat["embeddings"].float(), dim=1).T
