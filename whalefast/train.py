@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.nn.functional as F
+import fastai.callback.channelslast  # noqa: F401 - adds Learner.to_channelslast
 import fastai.callback.schedule  # noqa: F401 - adds Learner.fit_one_cycle and Learner.lr_find
 from fastai.callback.core import Callback
 from fastai.learner import Learner
@@ -29,7 +30,7 @@ from whalefast.distributed import barrier, rank0_first
 from whalefast.errors import WhalefastError
 from whalefast.io import as_size, atomic_path, size_text, write_csv, write_json
 from whalefast.metrics import NEW_WHALE_TARGET, calibrate_threshold, map5, rank_with_new_whale
-from whalefast.models import build_learner, get_arch
+from whalefast.models import build_learner, freeze_stages, get_arch, stage_count
 from whalefast.schedule import StepSchedule, body_and_head
 
 
@@ -52,6 +53,7 @@ class FitConfig:
     momentum: float = 0.9
     wd: float = 1e-4
     freeze_epochs: int = 0
+    frozen_stages: int = 0  # the stem and this many backbone stages keep their ImageNet weights throughout
     size: tuple[int, int] = (224, 224)  # (height, width)
     pretrained: bool = True
     min_samples: int = 10
@@ -352,8 +354,9 @@ def make_learner(cfg: FitConfig, dls) -> Learner:
         cbs=extra_cbs,
     )
     quiet_progress(learn)
+    # Channels-last convolutions train efficientnet-lite0 about 1.2x faster on a CPU too.
+    learn.to_channelslast(use_amp=False)
     if torch.cuda.is_available():
-        learn.model.to(memory_format=torch.channels_last)
         learn.to_bf16() if torch.cuda.is_bf16_supported() else learn.to_fp16()
     if cfg.compile:
         learn.model = torch.compile(learn.model)
@@ -385,8 +388,9 @@ def check_config(cfg: FitConfig) -> None:
     for option in ("epochs", "bs", "min_samples", "embed_dim", "sub_centers", "map_every"):
         if getattr(cfg, option) < 1:
             raise WhalefastError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(cfg, option)}")
-    if cfg.freeze_epochs < 0:
-        raise WhalefastError(f"--freeze-epochs must be 0 or more, got {cfg.freeze_epochs}")
+    for option in ("freeze_epochs", "frozen_stages"):
+        if getattr(cfg, option) < 0:
+            raise WhalefastError(f"--{option.replace('_', '-')} must be 0 or more, got {getattr(cfg, option)}")
     for option in ("lr", "scale", "head_lr_mult"):
         value = getattr(cfg, option)
         if not (math.isfinite(value) and value > 0):
@@ -395,12 +399,16 @@ def check_config(cfg: FitConfig) -> None:
         value = getattr(cfg, option)
         if not (math.isfinite(value) and value >= 0):
             raise WhalefastError(f"--{option} must be a number of at least 0, got {value}")
+    if cfg.frozen_stages and cfg.frozen_stages > stage_count(cfg.arch):
+        raise WhalefastError(f"--frozen-stages must be at most {stage_count(cfg.arch)} for {cfg.arch}, got {cfg.frozen_stages}")
     if min(cfg.size) < 16:
         raise WhalefastError(f"--size must be at least 16 pixels each way, got {size_text(cfg.size)}")
     if any(m < 1 for m in cfg.milestones):
         raise WhalefastError(f"--milestones must be epoch numbers of at least 1, got {','.join(map(str, cfg.milestones))}")
-    if cfg.freeze_epochs and not cfg.pretrained:
-        raise WhalefastError("--freeze-epochs needs a pretrained model (drop --no-pretrained or --freeze-epochs)")
+    for option in ("freeze_epochs", "frozen_stages"):
+        if getattr(cfg, option) and not cfg.pretrained:
+            flag = f"--{option.replace('_', '-')}"
+            raise WhalefastError(f"{flag} needs a pretrained model (drop --no-pretrained or {flag})")
 
 
 RESUMABLE_CHANGES = {"num_workers"}  # options a resumed run may change: they do not alter what it learns
@@ -460,6 +468,7 @@ def fit(cfg: FitConfig, resume: bool = False, distributed: bool = False) -> dict
         learn.freeze()
         learn.fit(cfg.freeze_epochs, lr=cfg.lr, cbs=[StopOnNonFiniteLoss(cfg.lr)])
     learn.unfreeze()
+    freeze_stages(unwrap(learn.model), cfg.frozen_stages)
 
     history = History(run_dir, previous)
     checkpoints = Checkpoints(run_dir, None if resume else asdict(cfg), *best)
@@ -524,6 +533,7 @@ def lr_find(cfg: FitConfig) -> dict:
     cfg.vocab = list(dls.vocab)
     learn = make_learner(cfg, dls)
     learn.unfreeze()
+    freeze_stages(unwrap(learn.model), cfg.frozen_stages)
     before = {k: v.clone() for k, v in unwrap(learn.model).state_dict().items()}
     suggestions = learn.lr_find(suggest_funcs=(minimum, steep, valley, slide), show_plot=True)
     unchanged = all(torch.equal(before[k], v) for k, v in unwrap(learn.model).state_dict().items())

@@ -1,0 +1,82 @@
+"""Training speed of the flukes recipe's backbone: memory order, frozen stages and efficientnet-lite size, side by side.
+
+Each setting trains the backbone with the recipe's embedding head shape (a linear map to 512) on
+random tensors: forward, backward and an Adam step per batch, no data loading. Settings take turns
+for `--rounds` rounds and the median of each is reported, so a slow moment of the machine hits
+all of them alike.
+
+    python bench/backbone_speed.py                      # CPU, about 5 minutes on 2 cores
+    python bench/backbone_speed.py --size 112x224 --bs 32 --steps 4 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from whalefast.io import as_size
+from whalefast.models import build_model, freeze_stages, get_arch
+
+SETTINGS = [
+    # (arch, frozen stages, channels last)
+    ("efficientnet-lite0", 0, False),
+    ("efficientnet-lite0", 0, True),
+    ("efficientnet-lite0", 2, False),
+    ("efficientnet-lite0", 2, True),
+    ("efficientnet-lite0", 3, True),
+    ("efficientnet-lite1", 2, True),
+    ("efficientnet-lite2", 2, True),
+]
+
+
+def make_step(arch: str, frozen: int, channels_last: bool, x: torch.Tensor):
+    """One training step of `arch` with `frozen` stages frozen, as a function of nothing."""
+    model = build_model(arch, 1, head=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(get_arch(arch).features, 512)))
+    freeze_stages(model, frozen)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+
+    def step():
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="112x224", help="HEIGHTxWIDTH (the flukes recipe's)")
+    parser.add_argument("--bs", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=4, help="timed batches per setting and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    h, w = as_size(args.size)
+    torch.manual_seed(0)
+    x = torch.randn(args.bs, 3, h, w)
+    steps = {s: make_step(*s, x) for s in SETTINGS}
+    for step in steps.values():  # warm up: first calls allocate and pick kernels
+        step()
+    rates = {s: [] for s in SETTINGS}
+    for _ in range(args.rounds):
+        for s, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            rates[s].append(args.steps * args.bs / (time.perf_counter() - start))
+    base = statistics.median(rates[SETTINGS[0]])
+    print(f"training images/s at {h}x{w}, batch {args.bs}, {torch.get_num_threads()} threads, median of {args.rounds} rounds")
+    print(f"{'arch':<20}{'frozen stages':>14}{'channels last':>15}{'img/s':>9}{'ratio':>8}")
+    for (arch, frozen, cl), r in rates.items():
+        rate = statistics.median(r)
+        print(f"{arch:<20}{frozen:>14}{'yes' if cl else 'no':>15}{rate:>9.1f}{rate / base:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
