@@ -146,23 +146,18 @@ def stage_count(arch: str) -> int:
     return max(len(backbone_stages(build_model(arch, 1)[0])) - 1, 0)
 
 
-def freeze_stages(model: nn.Module, n: int) -> int:
-    """Keep the stem and the first `n` stages of the body at their pretrained weights; the number of tensors frozen.
+def freeze_stages(model: nn.Module, n: int) -> None:
+    """Keep the stem and the first `n` stages of the body at their pretrained weights.
 
     Nothing before them needs a gradient, so backward stops early: on a CPU the first stages, at the
     highest resolution, cost the most per parameter.
     """
-    if n == 0:
-        return 0
     stages = backbone_stages(model[0])
-    if not stages:
-        raise WhalefastError("--frozen-stages: this architecture has no stages to freeze")
-    if n > len(stages) - 1:
-        raise WhalefastError(f"--frozen-stages must be at most {len(stages) - 1} for this architecture, got {n}")
-    params = [p for stage in stages[: n + 1] for module in stage for p in module.parameters()]
-    for p in params:
-        p.requires_grad_(False)
-    return len(params)
+    if n > max(len(stages) - 1, 0):
+        raise WhalefastError(f"--frozen-stages must be at most {max(len(stages) - 1, 0)} for this architecture, got {n}")
+    for stage in stages[: n + 1] if n else []:
+        for module in stage:
+            module.requires_grad_(False)
 
 
 def build_model(arch: str, n_out: int, head: nn.Module | None = None) -> nn.Module:

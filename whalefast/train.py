@@ -399,8 +399,8 @@ def check_config(cfg: FitConfig) -> None:
         value = getattr(cfg, option)
         if not (math.isfinite(value) and value >= 0):
             raise WhalefastError(f"--{option} must be a number of at least 0, got {value}")
-    if cfg.frozen_stages and cfg.frozen_stages > stage_count(cfg.arch):
-        raise WhalefastError(f"--frozen-stages must be at most {stage_count(cfg.arch)} for {cfg.arch}, got {cfg.frozen_stages}")
+    if cfg.frozen_stages and cfg.frozen_stages > (most := stage_count(cfg.arch)):
+        raise WhalefastError(f"--frozen-stages must be at most {most} for {cfg.arch}, got {cfg.frozen_stages}")
     if min(cfg.size) < 16:
         raise WhalefastError(f"--size must be at least 16 pixels each way, got {size_text(cfg.size)}")
     if any(m < 1 for m in cfg.milestones):
