@@ -8,6 +8,7 @@ RECIPES. Prints one table row per run, wall times included, and writes the table
 
     python bench/real_flukes.py --data ../shared/data/real-flukes-100px               # every row (about 2.5 h on 2 CPU cores)
     python bench/real_flukes.py --data ../shared/data/real-flukes-100px --crops predicted --methods arcface   # the recipe, end to end
+    python bench/real_flukes.py --data ../shared/data/real-flukes-100px --crops predicted --methods arcface --members 2   # an ensemble of two
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def run(args) -> pd.DataFrame:
         prepare_seconds = time.time() - start
         for method in args.methods:
             name = f"{method}-{crop}"
-            settings = {**RECIPES[method], **({"epochs": args.epochs} if args.epochs else {})}
+            settings = {**RECIPES[method], **({"epochs": args.epochs} if args.epochs else {}), "members": args.members}
             cfg = FitConfig(data=str(data), recipe="flukes", name=name, models_dir=str(models), seed=args.seed, **settings)
             start = time.time()
             fitted = fit(cfg)
@@ -76,6 +77,7 @@ def run(args) -> pd.DataFrame:
                 {
                     "crop": crop,
                     "method": method,
+                    "members": args.members,
                     "valid_map5": round(fitted["valid_map5"], 4),
                     "test_map5": round(scores["map5"], 4),
                     "test_catalogued": round(scores["map5_catalogued"], 4),
@@ -99,6 +101,7 @@ def main():
     parser.add_argument("--crops", nargs="+", default=["none", "given", "predicted"], choices=["none", "given", "predicted"])
     parser.add_argument("--methods", nargs="+", default=["softmax", "arcface"], choices=list(RECIPES))
     parser.add_argument("--epochs", type=int, help="override the recipes' epochs (quick checks)")
+    parser.add_argument("--members", type=int, default=1, help="fit --members: an ensemble of this many networks (each costs a full fit)")
     parser.add_argument("--valid-pct", type=float, default=0.05, help="prepare's --valid-pct: every held-out photo is one fewer to learn from")
     parser.add_argument("--seed", type=int, default=42)
     run(parser.parse_args())

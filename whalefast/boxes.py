@@ -217,10 +217,12 @@ class _Images:
 
 def fit_boxes(cfg: BoxConfig) -> dict:
     """Train the box regressor on cfg.boxes; report IoU on held-out photos; save it in models/NAME/."""
+    from whalefast.allocator import reuse_freed_memory
     from whalefast.models import build_learner, get_arch
     from whalefast.train import Checkpoints, StopOnNonFiniteLoss, quiet_progress
 
     get_arch(cfg.arch)
+    reuse_freed_memory()
     if cfg.epochs < 1:
         raise WhalefastError(f"--epochs must be at least 1, got {cfg.epochs}")
     if cfg.size < 32:

@@ -184,6 +184,7 @@ HeadLrOpt = Annotated[float, typer.Option(help="The head (and ArcFace's class ce
 WorkersOpt = Annotated[Optional[int], typer.Option(help="DataLoader workers.", show_default="0 on CPU, up to 8 on GPU", rich_help_panel=TRAIN)]
 CompileOpt = Annotated[bool, typer.Option(help="torch.compile the model.", rich_help_panel=TRAIN)]
 MapEveryOpt = Annotated[int, typer.Option(help="Validation MAP@5 every N epochs and at the last (arcface embeds every training photo for it).", rich_help_panel=TRAIN)]
+MembersOpt = Annotated[int, typer.Option(help="Train an ensemble of this many networks, from seeds SEED, SEED+1 and so on, used as one model; each one costs a full fit.", rich_help_panel=MODEL)]
 
 
 @app.command()
@@ -219,6 +220,7 @@ def fit(
     num_workers: WorkersOpt = None,
     compile: CompileOpt = False,
     map_every: MapEveryOpt = 1,
+    members: MembersOpt = 1,
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run NAME from its last completed epoch, with its saved settings.", rich_help_panel=TRAIN)] = False,
     distributed: Annotated[bool, typer.Option(help="Train data-parallel in the processes `accelerate launch` started.", rich_help_panel=TRAIN)] = False,
 ):
@@ -236,8 +238,8 @@ def fit(
     try:
         _run(run, cfg, resume, distributed)
     except KeyboardInterrupt:
-        last = cfg.run_dir / "last.pth"
-        if last.is_file() and last.stat().st_mtime >= started:
+        saved = [cfg.run_dir / "last.pth", *cfg.run_dir.glob("members/*/last.pth")]
+        if any(last.is_file() and last.stat().st_mtime >= started for last in saved):
             console.print(f"interrupted; continue with: whalefast fit --name {cfg.name} --models-dir {cfg.models_dir} --resume")
         else:
             console.print("interrupted before the first epoch ended; nothing was saved")

@@ -154,60 +154,61 @@ def embedding_head(cfg, n_classes: int) -> EmbeddingHead:
 
 
 def inference_model(cfg) -> nn.Module:
-    """The run's network, uninitialised, in the layout its checkpoint was saved from."""
+    """The run's network (or ensemble of networks), uninitialised, in the layout its checkpoint was saved from."""
+    if cfg.members > 1:
+        from whalefast.ensemble import Ensemble, member_config
+
+        return Ensemble([inference_model(member_config(cfg, i)) for i in range(cfg.members)], cfg.method)
     head = embedding_head(cfg, len(cfg.vocab)) if cfg.method == "arcface" else None
     return build_model(cfg.arch, len(cfg.vocab), head=head)
 
 
-def embed_known_photos(cfg, learn) -> tuple:
-    """(rows, embeddings) of every labelled clean photo (new_whale left out) with the learner's current weights.
+def embed_known_photos(cfg, model: nn.Module, dls) -> tuple:
+    """(rows, embeddings) of every labelled clean photo (new_whale left out) with `model`.
 
     Validation ranks against the training ones among them and the saved catalogue holds them all, so
     they are embedded once for both.
     """
     from whalefast.inference import run_model
 
-    items = learn.dls.items
+    items = dls.items
     known = items[items.Id != NEW_WHALE]
-    images = catalogue_images(learn.dls)
-    embeddings = run_model(learn.model.eval(), [images[n] for n in known.Image], bs=cfg.bs, tta=cfg.flip_tta, device=learn.dls.device)
+    images = catalogue_images(dls)
+    embeddings = run_model(model.eval(), [images[n] for n in known.Image], bs=cfg.bs, tta=cfg.flip_tta, device=dls.device)
     return known, F.normalize(embeddings.float(), dim=1)
 
 
-def validation_scores(cfg, learn, known=None):
-    """(id scores, targets, valid loss) on the validation set with the learner's current weights, ranked as submit ranks.
+def validation_scores(cfg, model: nn.Module, dls, known=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(id scores, targets) on the validation set with `model`, ranked as submit ranks.
 
     An arcface model ranks against a catalogue of the training photos alone, so no validation photo
     finds itself; `known` is embed_known_photos' result, when the caller already has it.
     """
     from whalefast.inference import run_model
 
-    embedders = [cb for cb in learn.cbs if isinstance(cb, CatalogueEmbedder)]
-    with learn.removed_cbs(embedders):  # the loss is all that is wanted here; the catalogue is embedded once, below
-        valid_loss = float(learn.validate()[0])
-    items = learn.dls.items
+    items = dls.items
     valid = items[items.is_valid]
     encoder = {v: i for i, v in enumerate(cfg.vocab)}
     new_whale_code = encoder.get(NEW_WHALE, NEW_WHALE_TARGET)
     targets = torch.tensor([encoder.get(t, new_whale_code) for t in valid.target])
-    images = catalogue_images(learn.dls)
-    outputs = run_model(learn.model.eval(), [images[n] for n in valid.Image], bs=cfg.bs, tta=cfg.flip_tta, device=learn.dls.device)
+    images = catalogue_images(dls)
+    outputs = run_model(model.eval(), [images[n] for n in valid.Image], bs=cfg.bs, tta=cfg.flip_tta, device=dls.device)
     if cfg.method == "softmax":
-        return F.softmax(outputs, dim=1).cpu(), targets, valid_loss
-    rows, embeddings = known if known is not None else embed_known_photos(cfg, learn)
+        return F.softmax(outputs, dim=1).cpu(), targets
+    rows, embeddings = known if known is not None else embed_known_photos(cfg, model, dls)
     train = (~rows.is_valid & rows.Id.isin(encoder)).to_numpy()
     labels = torch.tensor([encoder[i] for i in rows.Id[train]], device=embeddings.device)
-    return cosine_id_scores(outputs, embeddings[torch.tensor(train, device=embeddings.device)], labels, len(cfg.vocab)).cpu(), targets, valid_loss
+    return cosine_id_scores(outputs, embeddings[torch.tensor(train, device=embeddings.device)], labels, len(cfg.vocab)).cpu(), targets
 
 
-def final_catalogue(cfg, learn, known=None) -> dict:
-    """The catalogue saved with an arcface run: every labelled clean photo, the validation ones included.
+def final_catalogue(cfg, known: tuple) -> dict:
+    """The catalogue saved with an arcface run: every labelled clean photo (embed_known_photos' result), the validation ones included.
 
     Validation has done its job (threshold, best epoch) by now; a whale whose only photos were held out
     for validation must still be findable by submit and predict.
     """
     from whalefast.catalogue import make_catalogue
 
-    rows, embeddings = known if known is not None else embed_known_photos(cfg, learn)
+    rows, embeddings = known
     photos = [Path(cfg.data) / "train" / n for n in rows.Image]
     return make_catalogue(embeddings, cfg.vocab, rows.Id.tolist(), photos)

@@ -24,6 +24,7 @@ from fastai.torch_core import rank_distrib, set_seed
 from fastcore.foundation import L
 from torch import nn
 
+from whalefast.allocator import reuse_freed_memory
 from whalefast.console import console, results
 from whalefast.data import AUGMENTS, whale_dataloaders
 from whalefast.distributed import barrier, rank0_first
@@ -71,6 +72,7 @@ class FitConfig:
     num_workers: int | None = None
     compile: bool = False
     map_every: int = 1  # validation MAP@5 every N epochs and at the last (arcface embeds every training photo for it)
+    members: int = 1  # an ensemble of this many networks, seeds seed, seed + 1, ... (whalefast.ensemble)
     crop: bool = False  # trained on fluke crops (prepare --boxes)
     box_model: str | None = None  # the box model that crops new photos, when prepare used one
     vocab: list[str] = field(default_factory=list)
@@ -302,24 +304,27 @@ def save_atomic(obj, path: Path) -> None:
 
 
 def plot_curves(history: pd.DataFrame, path: Path) -> None:
-    """train/valid loss and MAP@5 per epoch, as a PNG."""
+    """train/valid loss and MAP@5 per epoch, as a PNG; one set of lines per member where `history` has a member column (ensembles)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(history.epoch, history.train_loss, "o-", label="train loss")
-    ax1.plot(history.epoch, history.valid_loss, "o-", label="valid loss")
+    groups = history.groupby("member") if "member" in history else [(None, history)]
+    for member, rows in groups:
+        tag = "" if member is None else f" ({member})"
+        ax1.plot(rows.epoch, rows.train_loss, "o-", color="tab:blue", alpha=0.8, label="train loss" + tag)
+        ax1.plot(rows.epoch, rows.valid_loss, "o-", color="tab:orange", alpha=0.8, label="valid loss" + tag)
+        scored = rows.dropna(subset=["map5"])  # epochs without a MAP@5 (fit --map-every)
+        ax2.plot(scored.epoch, scored.map5, "o-", color="tab:green", alpha=0.8, label="valid MAP@5" + tag)
+        ax2.plot(scored.epoch, scored.top1, "o-", color="tab:olive", alpha=0.8, label="valid top-1" + tag)
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("loss")
-    ax1.legend()
-    scored = history.dropna(subset=["map5"])  # epochs without a MAP@5 (fit --map-every)
-    ax2.plot(scored.epoch, scored.map5, "o-", color="tab:green", label="valid MAP@5")
-    ax2.plot(scored.epoch, scored.top1, "o-", color="tab:olive", label="valid top-1")
+    ax1.legend(fontsize="small")
     ax2.set_xlabel("epoch")
     ax2.set_ylim(0, 1)
-    ax2.legend()
+    ax2.legend(fontsize="small")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=90)
@@ -385,7 +390,7 @@ def check_config(cfg: FitConfig) -> None:
     for option, valid in choices.items():
         if getattr(cfg, option) not in valid:
             raise WhalefastError(f"--{option} must be {' or '.join(valid)}, got {getattr(cfg, option)!r}")
-    for option in ("epochs", "bs", "min_samples", "embed_dim", "sub_centers", "map_every"):
+    for option in ("epochs", "bs", "min_samples", "embed_dim", "sub_centers", "map_every", "members"):
         if getattr(cfg, option) < 1:
             raise WhalefastError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(cfg, option)}")
     for option in ("freeze_epochs", "frozen_stages"):
@@ -434,18 +439,30 @@ def fit(cfg: FitConfig, resume: bool = False, distributed: bool = False) -> dict
     """Train a model as `cfg` says; write config, weights, history, curves and calibration to models/NAME/.
 
     With `distributed` (in processes started by accelerate launch or torchrun), train data-parallel
-    through fastai's distrib_ctx; only rank 0 writes files.
+    through fastai's distrib_ctx; only rank 0 writes files. With `cfg.members` above 1, train an
+    ensemble (see `fit_ensemble`).
     """
     if resume:
         saved = load_config(cfg.run_dir)
-        if not (cfg.run_dir / "last.pth").is_file():
-            raise WhalefastError(f"{cfg.run_dir / 'last.pth'}: nothing to resume")
         cfg = replace(saved, num_workers=cfg.num_workers)
+        if cfg.members == 1 and not (cfg.run_dir / "last.pth").is_file():
+            raise WhalefastError(f"{cfg.run_dir / 'last.pth'}: nothing to resume")
     check_config(cfg)
+    reuse_freed_memory()
+    if cfg.members > 1:
+        if distributed:
+            raise WhalefastError("--members trains its networks one after another; it does not run with --distributed")
+        return fit_ensemble(cfg, resume)
     if distributed:
         from whalefast.distributed import init_distributed
 
         init_distributed()
+    learn, best_epoch, best_loss = train_network(cfg, resume, distributed=distributed)
+    return finish(cfg, unwrap(learn.model), learn.dls, best_epoch, best_loss)
+
+
+def train_network(cfg: FitConfig, resume: bool = False, cbs: list | None = None, distributed: bool = False) -> tuple[Learner, int, float]:
+    """Train one network as `cfg` says, checkpointing to its run folder; (learner with the best weights, best epoch, its valid loss)."""
     set_seed(cfg.seed, reproducible=True)
     dls = rank0_first(_dataloaders, cfg)  # rank 0 builds the decoded-image cache, the others then read it
     cfg.vocab = list(dls.vocab)
@@ -472,7 +489,7 @@ def fit(cfg: FitConfig, resume: bool = False, distributed: bool = False) -> dict
 
     history = History(run_dir, previous)
     checkpoints = Checkpoints(run_dir, None if resume else asdict(cfg), *best)
-    cbs = [StopOnNonFiniteLoss(cfg.lr), history, checkpoints]
+    cbs = [StopOnNonFiniteLoss(cfg.lr), history, checkpoints, *(cbs or [])]
     if start_epoch < cfg.epochs:
         # SyncBatchNorm runs on GPUs only; on CPUs each process keeps its own batch statistics.
         cuda = torch.cuda.is_available()
@@ -487,15 +504,70 @@ def fit(cfg: FitConfig, resume: bool = False, distributed: bool = False) -> dict
 
     barrier()
     unwrap(learn.model).load_state_dict(torch.load(run_dir / "model.pth", map_location="cpu", weights_only=True))
-    return finish(cfg, learn, checkpoints.best_epoch)
+    return learn, checkpoints.best_epoch, checkpoints.best_loss
 
 
-def finish(cfg: FitConfig, learn: Learner, best_epoch: int) -> dict:
+class SaveConfig(Callback):
+    """Write a config (an ensemble's) when the first epoch ends, as Checkpoints writes its own run's: a run that fails sooner leaves none."""
+
+    order = 66
+
+    def __init__(self, config: dict, path: Path):
+        self.config, self.path = config, Path(path)
+
+    def after_epoch(self):
+        if self.config is not None and is_main_process():
+            write_json(self.config, self.path)
+        self.config = None
+
+
+def fit_ensemble(cfg: FitConfig, resume: bool = False) -> dict:
+    """Train `cfg.members` networks in turn (seeds seed, seed + 1, ...) on the same split, then calibrate and catalogue them as one model.
+
+    Each member is an ordinary run in RUN/members/I/, so an interrupted ensemble resumes where it
+    stopped: finished members are loaded, the interrupted one continues from its last epoch.
+    """
+    from whalefast.ensemble import Ensemble, member_config
+
+    networks, best_epochs, losses = [], [], []
+    for i in range(cfg.members):
+        member = member_config(cfg, i)
+        console.print(f"member {i + 1} of {cfg.members} (seed {member.seed})")
+        extra = [SaveConfig(asdict(cfg), cfg.run_dir / "config.json")] if i == 0 and not resume else []
+        learn, best_epoch, best_loss = train_network(member, resume and is_member_resumable(member), cbs=extra)
+        networks.append(unwrap(learn.model).float().to(memory_format=torch.contiguous_format).cpu())
+        best_epochs.append(best_epoch)
+        losses.append(best_loss)
+        dls = learn.dls
+        cfg.vocab, cfg.crop, cfg.box_model = member.vocab, member.crop, member.box_model
+    model = Ensemble(networks, cfg.method)
+    if is_main_process():
+        history = pd.concat([pd.read_csv(member_config(cfg, i).run_dir / "history.csv").assign(member=i) for i in range(cfg.members)])
+        write_csv(history, cfg.run_dir / "history.csv")
+        plot_curves(history, cfg.run_dir / "curves.png")
+        write_json(asdict(cfg), cfg.run_dir / "config.json")
+        save_atomic(model.state_dict(), cfg.run_dir / "model.pth")
+    return finish(cfg, model.to(dls.device), dls, best_epochs, sum(losses) / len(losses))
+
+
+def is_member_resumable(member: FitConfig) -> bool:
+    """Whether an ensemble member's folder holds an interrupted or finished run of exactly these settings (not one left by an earlier run)."""
+    if not (member.run_dir / "last.pth").is_file():
+        return False
+    try:
+        saved = load_config(member.run_dir)
+    except WhalefastError:
+        return False
+    learnt = {"vocab", "crop", "box_model", "num_workers", "models_dir"}  # filled in by training, free to change on resume, or spelt another way
+    return all(getattr(saved, k) == getattr(member, k) for k in FitConfig.__dataclass_fields__ if k not in learnt)
+
+
+def finish(cfg: FitConfig, model: nn.Module, dls, best_epoch: int | list[int], valid_loss: float) -> dict:
     """Calibrate the new_whale threshold on validation with the best weights; save it (and the catalogue); report the figures."""
     from whalefast.methods import embed_known_photos, final_catalogue, validation_scores
 
-    known = embed_known_photos(cfg, learn) if cfg.method == "arcface" else None
-    scores, targets, valid_loss = validation_scores(cfg, learn, known)
+    known = embed_known_photos(cfg, model, dls) if cfg.method == "arcface" else None
+    scores, targets = validation_scores(cfg, model, dls, known)
     new_whale_class = _new_whale_class(cfg.vocab)
     if new_whale_class is None:
         threshold, score = calibrate_threshold(scores, targets)
@@ -509,10 +581,11 @@ def finish(cfg: FitConfig, learn: Learner, best_epoch: int) -> dict:
         if cfg.method == "arcface":
             from whalefast.catalogue import catalogue_path, save_catalogue
 
-            save_catalogue(final_catalogue(cfg, learn, known), catalogue_path(cfg.run_dir))
+            save_catalogue(final_catalogue(cfg, known), catalogue_path(cfg.run_dir))
         write_json(calibration, cfg.run_dir / "calibration.json")
+        epochs = f"best epochs {', '.join(map(str, best_epoch))}" if isinstance(best_epoch, list) else f"best epoch {best_epoch}"
         results.print(
-            f"best epoch {best_epoch} (valid loss {valid_loss:.4f}); validation MAP@5 {score:.4f}, top-1 {top1:.4f}, "
+            f"{epochs} (valid loss {valid_loss:.4f}); validation MAP@5 {score:.4f}, top-1 {top1:.4f}, "
             f"new_whale threshold {threshold if threshold is None else round(threshold, 4)}",
             highlight=False,
         )
@@ -528,6 +601,7 @@ def lr_find(cfg: FitConfig) -> dict:
     from fastai.callback.schedule import minimum, slide, steep, valley
 
     check_config(cfg)
+    reuse_freed_memory()
     set_seed(cfg.seed, reproducible=True)
     dls = _dataloaders(cfg)
     cfg.vocab = list(dls.vocab)
