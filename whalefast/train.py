@@ -312,13 +312,13 @@ def plot_curves(history: pd.DataFrame, path: Path) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     groups = history.groupby("member") if "member" in history else [(None, history)]
-    for member, rows in groups:
-        tag = "" if member is None else f" ({member})"
-        ax1.plot(rows.epoch, rows.train_loss, "o-", color="tab:blue", alpha=0.8, label="train loss" + tag)
-        ax1.plot(rows.epoch, rows.valid_loss, "o-", color="tab:orange", alpha=0.8, label="valid loss" + tag)
+    for i, (member, rows) in enumerate(groups):
+        tag, style = ("", "o-") if member is None else (f" (member {member})", ["o-", "s--", "^:", "d-."][i % 4])
+        ax1.plot(rows.epoch, rows.train_loss, style, color="tab:blue", label="train loss" + tag)
+        ax1.plot(rows.epoch, rows.valid_loss, style, color="tab:orange", label="valid loss" + tag)
         scored = rows.dropna(subset=["map5"])  # epochs without a MAP@5 (fit --map-every)
-        ax2.plot(scored.epoch, scored.map5, "o-", color="tab:green", alpha=0.8, label="valid MAP@5" + tag)
-        ax2.plot(scored.epoch, scored.top1, "o-", color="tab:olive", alpha=0.8, label="valid top-1" + tag)
+        ax2.plot(scored.epoch, scored.map5, style, color="tab:green", label="valid MAP@5" + tag)
+        ax2.plot(scored.epoch, scored.top1, style, color="tab:olive", label="valid top-1" + tag)
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("loss")
     ax1.legend(fontsize="small")
