@@ -115,3 +115,26 @@ def test_a_member_folder_left_by_another_run_is_not_resumed(tiny_data, tmp_path)
     assert not is_member_resumable(member)
     (member.run_dir / "config.json").write_text(json.dumps(vars(member), default=list))
     assert is_member_resumable(member)
+
+
+def test_catalogue_add_and_predict_work_on_an_ensemble(tiny_ensemble, tmp_path):
+    import shutil
+
+    import pandas as pd
+    from PIL import Image
+
+    from whalefast.catalogue import add_to_catalogue
+    from whalefast.predict import predict
+    from whalefast.synth import fluke_template, render_photo
+
+    run_dir = tmp_path / "pair"
+    shutil.copytree(tiny_ensemble[0], run_dir)
+    template = fluke_template(seed=99, individual=12345)  # an individual no member saw
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "first.jpg").write_bytes(render_photo(template, 1)[0])
+    with Image.open(tmp_path / "new" / "first.jpg") as im:
+        im.resize((im.width * 4 // 5, im.height * 4 // 5)).save(tmp_path / "new" / "second.jpg", quality=80)
+    pd.DataFrame({"Image": ["first.jpg"], "Id": ["w_newbie"]}).to_csv(tmp_path / "new.csv", index=False)
+    summary = add_to_catalogue(run_dir, tmp_path / "new.csv", tmp_path / "new")
+    assert summary["new_ids"] == 1 and summary["embedding_dim"] == 64
+    assert predict([tmp_path / "new" / "second.jpg"], run_dir, top=5)[0]["matches"][0]["id"] == "w_newbie"
