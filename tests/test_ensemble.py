@@ -86,10 +86,10 @@ def test_an_interrupted_ensemble_resumes_without_retraining_finished_members(tin
     cfg = tiny_fit_config(tiny_data, tmp_path, name="pair", method="arcface", embed_dim=16, size=(32, 64), epochs=2, map_every=2, members=2)
     real = train.train_network
 
-    def interrupted(member, resume=False, cbs=None, distributed=False):
+    def interrupted(member, resume=False, distributed=False, more_configs=None):
         if member.name == "1":
             raise KeyboardInterrupt
-        return real(member, resume, cbs, distributed)
+        return real(member, resume, distributed, more_configs)
 
     monkeypatch.setattr(train, "train_network", interrupted)
     with pytest.raises(KeyboardInterrupt):

@@ -222,7 +222,6 @@ def fit_boxes(cfg: BoxConfig) -> dict:
     from whalefast.train import Checkpoints, StopOnNonFiniteLoss, quiet_progress
 
     get_arch(cfg.arch)
-    reuse_freed_memory()
     if cfg.epochs < 1:
         raise WhalefastError(f"--epochs must be at least 1, got {cfg.epochs}")
     if cfg.size < 32:
@@ -233,6 +232,7 @@ def fit_boxes(cfg: BoxConfig) -> dict:
     items = box_items(data, read_boxes(cfg.boxes))
     if len(items) < 10:
         raise WhalefastError(f"{cfg.boxes}: only {len(items)} of its photos are in {data / 'train'} or {data / 'test'}; need at least 10")
+    reuse_freed_memory()
     set_seed(cfg.seed, reproducible=True)
     rng = np.random.default_rng(cfg.seed)
     is_valid = np.zeros(len(items), dtype=bool)
@@ -251,7 +251,7 @@ def fit_boxes(cfg: BoxConfig) -> dict:
     learn.unfreeze()  # vision_learner freezes a pretrained body; a box needs it fine-tuned
     quiet_progress(learn)
     run_dir = cfg.run_dir
-    checkpoints = Checkpoints(run_dir, config=asdict(cfg), resumable=False)
+    checkpoints = Checkpoints(run_dir, {run_dir / "config.json": asdict(cfg)}, resumable=False)
     learn.fit_one_cycle(cfg.epochs, lr_max=cfg.lr, cbs=[StopOnNonFiniteLoss(cfg.lr), checkpoints])
     learn.model.load_state_dict(torch.load(run_dir / "model.pth", map_location="cpu", weights_only=True))
 

@@ -238,7 +238,9 @@ def fit(
     try:
         _run(run, cfg, resume, distributed)
     except KeyboardInterrupt:
-        saved = [cfg.run_dir / "last.pth", *cfg.run_dir.glob("members/*/last.pth")]
+        from whalefast.ensemble import MEMBERS_DIR
+
+        saved = [cfg.run_dir / "last.pth", *cfg.run_dir.glob(f"{MEMBERS_DIR}/*/last.pth")]
         if any(last.is_file() and last.stat().st_mtime >= started for last in saved):
             console.print(f"interrupted; continue with: whalefast fit --name {cfg.name} --models-dir {cfg.models_dir} --resume")
         else:

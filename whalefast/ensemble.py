@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +36,3 @@ class Ensemble(nn.Module):
 def member_config(cfg, index: int):
     """The FitConfig of member `index` of an ensemble run: the same settings, seed + index, in RUN/members/INDEX/."""
     return replace(cfg, members=1, seed=cfg.seed + index, name=str(index), models_dir=str(cfg.run_dir / MEMBERS_DIR))
-
-
-def member_weights(cfg) -> list[Path]:
-    """Where each member's best weights are saved."""
-    return [member_config(cfg, i).run_dir / "model.pth" for i in range(cfg.members)]

@@ -222,14 +222,15 @@ class History(Callback):
 class Checkpoints(Callback):
     """Keep the weights of the epoch with the best validation loss and, every epoch, the state to resume from.
 
-    The run folder and its config.json are written with the first weights, so a run that fails before
-    its first epoch ends leaves nothing behind (and an earlier run of the same name stays whole).
+    The run folder and its config files (`configs`: path -> config, e.g. config.json, and an ensemble's
+    own) are written with the first weights, so a run that fails before its first epoch ends leaves
+    nothing behind (and an earlier run of the same name stays whole).
     """
 
     order = 66
 
-    def __init__(self, run_dir: Path, config: dict | None = None, best_loss: float = float("inf"), best_epoch: int = -1, resumable: bool = True):
-        self.run_dir, self.config, self.best_loss, self.best_epoch, self.resumable = Path(run_dir), config, best_loss, best_epoch, resumable
+    def __init__(self, run_dir: Path, configs: dict | None = None, best_loss: float = float("inf"), best_epoch: int = -1, resumable: bool = True):
+        self.run_dir, self.configs, self.best_loss, self.best_epoch, self.resumable = Path(run_dir), dict(configs or {}), best_loss, best_epoch, resumable
 
     def before_epoch(self):
         self.skipped = False
@@ -242,9 +243,10 @@ class Checkpoints(Callback):
             return
         valid_loss = float(self.recorder.log[2]) if len(self.recorder.log) > 2 else float("inf")
         main = is_main_process()
-        if main and self.config is not None:
-            write_json(self.config, self.run_dir / "config.json")
-            self.config = None
+        if main:
+            for path, config in self.configs.items():
+                write_json(config, path)
+        self.configs = {}
         if valid_loss < self.best_loss or self.best_epoch < 0:
             self.best_loss, self.best_epoch = valid_loss, self.epoch
             if main:
@@ -457,12 +459,15 @@ def fit(cfg: FitConfig, resume: bool = False, distributed: bool = False) -> dict
         from whalefast.distributed import init_distributed
 
         init_distributed()
-    learn, best_epoch, best_loss = train_network(cfg, resume, distributed=distributed)
+    learn, best_epoch, best_loss = train_network(cfg, resume, distributed)
     return finish(cfg, unwrap(learn.model), learn.dls, best_epoch, best_loss)
 
 
-def train_network(cfg: FitConfig, resume: bool = False, cbs: list | None = None, distributed: bool = False) -> tuple[Learner, int, float]:
-    """Train one network as `cfg` says, checkpointing to its run folder; (learner with the best weights, best epoch, its valid loss)."""
+def train_network(cfg: FitConfig, resume: bool = False, distributed: bool = False, more_configs: dict | None = None) -> tuple[Learner, int, float]:
+    """Train one network as `cfg` says, checkpointing to its run folder; (learner with the best weights, best epoch, its valid loss).
+
+    `more_configs` (path -> config) are written with the first weights too (an ensemble's own config.json).
+    """
     set_seed(cfg.seed, reproducible=True)
     dls = rank0_first(_dataloaders, cfg)  # rank 0 builds the decoded-image cache, the others then read it
     cfg.vocab = list(dls.vocab)
@@ -488,8 +493,9 @@ def train_network(cfg: FitConfig, resume: bool = False, cbs: list | None = None,
     freeze_stages(unwrap(learn.model), cfg.frozen_stages)
 
     history = History(run_dir, previous)
-    checkpoints = Checkpoints(run_dir, None if resume else asdict(cfg), *best)
-    cbs = [StopOnNonFiniteLoss(cfg.lr), history, checkpoints, *(cbs or [])]
+    configs = {} if resume else {run_dir / "config.json": asdict(cfg)}
+    checkpoints = Checkpoints(run_dir, {**configs, **(more_configs or {})}, *best)
+    cbs = [StopOnNonFiniteLoss(cfg.lr), history, checkpoints]
     if start_epoch < cfg.epochs:
         # SyncBatchNorm runs on GPUs only; on CPUs each process keeps its own batch statistics.
         cuda = torch.cuda.is_available()
@@ -507,20 +513,6 @@ def train_network(cfg: FitConfig, resume: bool = False, cbs: list | None = None,
     return learn, checkpoints.best_epoch, checkpoints.best_loss
 
 
-class SaveConfig(Callback):
-    """Write a config (an ensemble's) when the first epoch ends, as Checkpoints writes its own run's: a run that fails sooner leaves none."""
-
-    order = 66
-
-    def __init__(self, config: dict, path: Path):
-        self.config, self.path = config, Path(path)
-
-    def after_epoch(self):
-        if self.config is not None and is_main_process():
-            write_json(self.config, self.path)
-        self.config = None
-
-
 def fit_ensemble(cfg: FitConfig, resume: bool = False) -> dict:
     """Train `cfg.members` networks in turn (seeds seed, seed + 1, ...) on the same split, then calibrate and catalogue them as one model.
 
@@ -533,21 +525,20 @@ def fit_ensemble(cfg: FitConfig, resume: bool = False) -> dict:
     for i in range(cfg.members):
         member = member_config(cfg, i)
         console.print(f"member {i + 1} of {cfg.members} (seed {member.seed})")
-        extra = [SaveConfig(asdict(cfg), cfg.run_dir / "config.json")] if i == 0 and not resume else []
-        learn, best_epoch, best_loss = train_network(member, resume and is_member_resumable(member), cbs=extra)
-        networks.append(unwrap(learn.model).float().to(memory_format=torch.contiguous_format).cpu())
+        own = {cfg.run_dir / "config.json": asdict(cfg)} if i == 0 and not resume else None
+        learn, best_epoch, best_loss = train_network(member, resume and is_member_resumable(member), more_configs=own)
+        networks.append(unwrap(learn.model))
         best_epochs.append(best_epoch)
         losses.append(best_loss)
         dls = learn.dls
         cfg.vocab, cfg.crop, cfg.box_model = member.vocab, member.crop, member.box_model
-    model = Ensemble(networks, cfg.method)
-    if is_main_process():
-        history = pd.concat([pd.read_csv(member_config(cfg, i).run_dir / "history.csv").assign(member=i) for i in range(cfg.members)])
-        write_csv(history, cfg.run_dir / "history.csv")
-        plot_curves(history, cfg.run_dir / "curves.png")
-        write_json(asdict(cfg), cfg.run_dir / "config.json")
-        save_atomic(model.state_dict(), cfg.run_dir / "model.pth")
-    return finish(cfg, model.to(dls.device), dls, best_epochs, sum(losses) / len(losses))
+    model = Ensemble(networks, cfg.method)  # one process only: fit refuses --members with --distributed
+    history = pd.concat([pd.read_csv(member_config(cfg, i).run_dir / "history.csv").assign(member=i) for i in range(cfg.members)])
+    write_csv(history, cfg.run_dir / "history.csv")
+    plot_curves(history, cfg.run_dir / "curves.png")
+    write_json(asdict(cfg), cfg.run_dir / "config.json")
+    save_atomic(model.state_dict(), cfg.run_dir / "model.pth")
+    return finish(cfg, model, dls, best_epochs, sum(losses) / len(losses))
 
 
 def is_member_resumable(member: FitConfig) -> bool:
