@@ -106,8 +106,8 @@ def test_tiny_fit_learns(tiny_softmax, tiny_data):
     assert history.lr.tolist() == pytest.approx([1e-3] * 5 + [1e-4])
 
 
-def test_resume_continues_the_schedule(tiny_data, tmp_path, monkeypatch):
-    cfg = tiny_fit_config(tiny_data, tmp_path, epochs=3, milestones=(2,), arch="whale-resnet", pretrained=False, size=32, opt="sgd", lr=0.02)
+def fit_interrupted_then_resumed(cfg, monkeypatch) -> pd.DataFrame:
+    """Fit `cfg`, interrupted after its first epoch as by Ctrl-C, then resumed; the run's history."""
     original = Checkpoints.after_epoch
 
     def interrupt(self):
@@ -118,12 +118,29 @@ def test_resume_continues_the_schedule(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(Checkpoints, "after_epoch", interrupt)
     with pytest.raises(KeyboardInterrupt):
         fit(copy.deepcopy(cfg))
-    assert pd.read_csv(tmp_path / "tiny" / "history.csv").epoch.tolist() == [0]
+    assert pd.read_csv(cfg.run_dir / "history.csv").epoch.tolist() == [0]
     monkeypatch.setattr(Checkpoints, "after_epoch", original)
     fit(copy.deepcopy(cfg), resume=True)
-    history = pd.read_csv(tmp_path / "tiny" / "history.csv")
+    return pd.read_csv(cfg.run_dir / "history.csv")
+
+
+def test_resume_continues_the_schedule(tiny_data, tmp_path, monkeypatch):
+    cfg = tiny_fit_config(tiny_data, tmp_path, epochs=3, milestones=(2,), arch="whale-resnet", pretrained=False, size=32, opt="sgd", lr=0.02)
+    history = fit_interrupted_then_resumed(cfg, monkeypatch)
     assert history.epoch.tolist() == [0, 1, 2]
     assert history.lr.tolist() == pytest.approx([0.02, 0.02, 0.002])
+
+
+def test_resume_continues_a_one_cycle_schedule(tiny_data, tmp_path, monkeypatch):
+    # fastai's one-cycle schedule sets the lr as a NumPy scalar, which the resume state must not carry.
+    settings = dict(epochs=3, arch="whale-resnet", pretrained=False, size=32, schedule="one-cycle", lr=0.02)
+    whole = fit(tiny_fit_config(tiny_data, tmp_path / "whole", **settings))
+    assert whole["valid_map5"] >= 0
+    history = fit_interrupted_then_resumed(tiny_fit_config(tiny_data, tmp_path / "parts", **settings), monkeypatch)
+    assert history.epoch.tolist() == [0, 1, 2]
+    expected = pd.read_csv(tmp_path / "whole" / "tiny" / "history.csv").lr.tolist()
+    assert history.lr.tolist() == pytest.approx(expected)
+    assert expected[1] > 10 * expected[2]  # the schedule anneals: the resumed run did not start it afresh
 
 
 def test_lr_find_plot_and_weights_unchanged(tiny_data, tmp_path):

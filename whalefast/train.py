@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -264,9 +265,14 @@ class Checkpoints(Callback):
 
 
 def optimizer_state(opt) -> dict:
-    """A fastai optimiser's state as plain lists and dicts, so it loads with torch.load(weights_only=True)."""
+    """A fastai optimiser's state as plain lists, dicts and numbers, so it loads with torch.load(weights_only=True)."""
     sd = opt.state_dict()
-    return {"state": [dict(s) for s in sd["state"]], "hypers": [dict(h) for h in sd["hypers"]]}
+    return {"state": [plain_numbers(s) for s in sd["state"]], "hypers": [plain_numbers(h) for h in sd["hypers"]]}
+
+
+def plain_numbers(values: dict) -> dict:
+    """`values` with NumPy scalars (fastai's one-cycle schedule sets the lr as one) as Python numbers."""
+    return {k: v.item() if isinstance(v, np.generic) else v for k, v in values.items()}
 
 
 def load_optimizer_state(opt, state: dict) -> None:
