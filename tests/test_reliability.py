@@ -122,6 +122,20 @@ def test_catalogue_and_resume_state_load_without_running_code(tiny_arcface):
     assert {"model", "opt", "epoch", "best_loss", "best_epoch"} <= set(state)
 
 
+def test_damaged_saved_files_give_one_line_errors_naming_them(tiny_arcface, tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_arcface[0], run_dir)
+    for name in ("model.pth", "catalogue.pt", "last.pth"):
+        (run_dir / name).write_bytes((run_dir / name).read_bytes()[:1000])  # cut short, as by a full disk
+    result = runner.invoke(app_cli(), ["submit", "--data", str(tiny_data), "--model", "run", "--models-dir", str(tmp_path), "--out", str(tmp_path / "s.csv")])
+    assert result.exit_code == 1 and "model.pth: not a whalefast model, or damaged" in result.output and "Traceback" not in result.output
+    with pytest.raises(WhalefastError, match="catalogue.pt: not a whalefast catalogue, or damaged"):
+        load_catalogue(run_dir)
+    with pytest.raises(WhalefastError, match="last.pth: not a whalefast resume state, or damaged"):
+        fit(tiny_fit_config(tiny_data, tmp_path, name="run"), resume=True)
+    assert not (tmp_path / "s.csv").exists()
+
+
 def test_predict_takes_folders_and_skips_unreadable_photos(tiny_softmax, tiny_data, tmp_path):
     run_dir, _ = tiny_softmax
     folder, names = _new_photos(tmp_path, tiny_data, n=3)

@@ -1,4 +1,5 @@
 import copy
+import shutil
 
 import pandas as pd
 import pytest
@@ -141,6 +142,24 @@ def test_resume_continues_a_one_cycle_schedule(tiny_data, tmp_path, monkeypatch)
     expected = pd.read_csv(tmp_path / "whole" / "tiny" / "history.csv").lr.tolist()
     assert history.lr.tolist() == pytest.approx(expected)
     assert expected[1] > 10 * expected[2]  # the schedule anneals: the resumed run did not start it afresh
+
+
+def test_a_moved_run_resumes_where_it_is_now(tiny_data, tmp_path, monkeypatch):
+    cfg = tiny_fit_config(tiny_data, tmp_path / "old", epochs=2, arch="whale-resnet", pretrained=False, size=32)
+    original = Checkpoints.after_epoch
+
+    def interrupt(self):
+        original(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpoints, "after_epoch", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        fit(copy.deepcopy(cfg))
+    monkeypatch.setattr(Checkpoints, "after_epoch", original)
+    shutil.move(tmp_path / "old", tmp_path / "new")
+    fit(tiny_fit_config(tiny_data, tmp_path / "new", name="tiny"), resume=True)
+    assert not (tmp_path / "old").exists()
+    assert pd.read_csv(tmp_path / "new" / "tiny" / "history.csv").epoch.tolist() == [0, 1]
 
 
 def test_lr_find_plot_and_weights_unchanged(tiny_data, tmp_path):

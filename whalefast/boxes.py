@@ -21,7 +21,7 @@ from torchvision.ops import generalized_box_iou_loss
 
 from whalefast.console import console, progress_bar
 from whalefast.errors import WhalefastError
-from whalefast.io import load_image, photo_size, read_csv_file, read_labels, write_csv, write_json
+from whalefast.io import load_image, load_saved, photo_size, read_csv_file, read_labels, write_csv, write_json
 
 BOX_COLUMNS = ["x0", "y0", "x1", "y1"]
 BOXES_KIND = "boxes"  # config.json's "kind" for a box model
@@ -300,7 +300,7 @@ class BoxModel:
         weights = run_dir / "model.pth"
         if not weights.is_file():
             raise WhalefastError(f"{weights}: not found; did `whalefast boxes fit --name {run_dir.name}` finish?")
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        model.load_state_dict(load_saved(weights, "box model"))
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()
 

@@ -17,7 +17,7 @@ import torch
 
 from whalefast import NEW_WHALE
 from whalefast.errors import WhalefastError
-from whalefast.io import atomic_path, read_labels
+from whalefast.io import atomic_path, load_saved, read_labels
 
 CATALOGUE_FILE = "catalogue.pt"
 
@@ -64,10 +64,7 @@ def load_catalogue(run_dir: str | os.PathLike) -> dict:
     path = catalogue_path(run_dir)
     if not path.is_file():
         raise WhalefastError(f"{path}: not found; did `whalefast fit --name {Path(run_dir).name}` finish?")
-    try:
-        catalogue = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a damaged or foreign file
-        raise WhalefastError(f"{path}: not a whalefast catalogue ({type(e).__name__})") from None
+    catalogue = load_saved(path, "catalogue")
     if not isinstance(catalogue, dict) or "digests" not in catalogue:
         raise WhalefastError(f"{path}: an older catalogue format; run `whalefast fit` again to rebuild it")
     return catalogue

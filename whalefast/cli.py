@@ -232,7 +232,7 @@ def fit(
     options = _run(_with_recipe, ctx, {k: v for k, v in ctx.params.items() if k not in ("resume", "distributed")})
     cfg = _run(_fit_config, **options)
     if resume:
-        typed = {k: getattr(cfg, k) for k in _given(ctx) if k in options and k not in ("name", "models_dir")}
+        typed = {k: getattr(cfg, k) for k in _given(ctx) if k in options}
         _run(check_resume, _run(load_config, cfg.run_dir), typed)
     started = time.time()
     try:

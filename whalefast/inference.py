@@ -14,7 +14,7 @@ from torch import nn
 
 from whalefast.console import console
 from whalefast.errors import WhalefastError
-from whalefast.io import load_image
+from whalefast.io import load_image, load_saved
 from whalefast.train import FitConfig, load_config
 
 
@@ -32,7 +32,7 @@ def load_model(run_dir: str | os.PathLike, device: torch.device | None = None) -
     if not weights.is_file():
         raise WhalefastError(f"{weights}: not found; did `whalefast fit --name {run_dir.name}` finish?")
     model = inference_model(cfg)
-    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    model.load_state_dict(load_saved(weights, "model"))
     calibration_path = run_dir / "calibration.json"
     calibration = json.loads(calibration_path.read_text()) if calibration_path.exists() else {"threshold": None}
     device = device or default_device()

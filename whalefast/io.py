@@ -75,6 +75,16 @@ def write_json(obj, path: str | os.PathLike) -> Path:
     return write_text(to_json(obj) + "\n", path)
 
 
+def load_saved(path: str | os.PathLike, what: str):
+    """A file whalefast saved with torch (weights, resume state, catalogue), loaded without running code from it; a one-line error naming it if it cannot be."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged, truncated or foreign file
+        raise WhalefastError(f"{path}: not a whalefast {what}, or damaged ({type(e).__name__})") from None
+
+
 def read_csv_file(path: Path) -> pd.DataFrame:
     """A CSV as strings, or a one-line error naming the file."""
     if not path.is_file():

@@ -30,7 +30,7 @@ from whalefast.console import console, results
 from whalefast.data import AUGMENTS, whale_dataloaders
 from whalefast.distributed import barrier, rank0_first
 from whalefast.errors import WhalefastError
-from whalefast.io import as_size, atomic_path, size_text, write_csv, write_json
+from whalefast.io import as_size, atomic_path, load_saved, size_text, write_csv, write_json
 from whalefast.metrics import NEW_WHALE_TARGET, calibrate_threshold, map5, rank_with_new_whale
 from whalefast.models import build_learner, freeze_stages, get_arch, stage_count
 from whalefast.schedule import StepSchedule, body_and_head
@@ -424,7 +424,7 @@ def check_config(cfg: FitConfig) -> None:
             raise WhalefastError(f"{flag} needs a pretrained model (drop --no-pretrained or {flag})")
 
 
-RESUMABLE_CHANGES = {"num_workers"}  # options a resumed run may change: they do not alter what it learns
+RESUMABLE_CHANGES = {"num_workers", "name", "models_dir"}  # options a resumed run may change: they do not alter what it learns (the last two say where it is)
 
 
 def check_resume(saved: FitConfig, given: dict) -> None:
@@ -452,7 +452,7 @@ def fit(cfg: FitConfig, resume: bool = False, distributed: bool = False) -> dict
     """
     if resume:
         saved = load_config(cfg.run_dir)
-        cfg = replace(saved, num_workers=cfg.num_workers)
+        cfg = replace(saved, num_workers=cfg.num_workers, name=cfg.name, models_dir=cfg.models_dir)  # where it is now, if moved
         if cfg.members == 1 and not (cfg.run_dir / "last.pth").is_file():
             raise WhalefastError(f"{cfg.run_dir / 'last.pth'}: nothing to resume")
     check_config(cfg)
@@ -483,7 +483,7 @@ def train_network(cfg: FitConfig, resume: bool = False, distributed: bool = Fals
 
     start_epoch, previous, best = 0, None, (float("inf"), -1)
     if resume:
-        state = torch.load(run_dir / "last.pth", map_location="cpu", weights_only=True)
+        state = load_saved(run_dir / "last.pth", "resume state")
         unwrap(learn.model).load_state_dict(state["model"])
         learn.unfreeze()
         learn.create_opt()
