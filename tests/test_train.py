@@ -132,12 +132,15 @@ def test_resume_continues_the_schedule(tiny_data, tmp_path, monkeypatch):
     assert history.lr.tolist() == pytest.approx([0.02, 0.02, 0.002])
 
 
-def test_resume_continues_a_one_cycle_schedule(tiny_data, tmp_path, monkeypatch):
+def test_resume_continues_a_one_cycle_schedule(tiny_data, tmp_path, monkeypatch, capsys):
     # fastai's one-cycle schedule sets the lr as a NumPy scalar, which the resume state must not carry.
     settings = dict(epochs=3, arch="whale-resnet", pretrained=False, size=32, schedule="one-cycle", lr=0.02)
     whole = fit(tiny_fit_config(tiny_data, tmp_path / "whole", **settings))
     assert whole["valid_map5"] >= 0
     history = fit_interrupted_then_resumed(tiny_fit_config(tiny_data, tmp_path / "parts", **settings), monkeypatch)
+    log = capsys.readouterr().err.split("resuming tiny at epoch 1 of 3")[1]
+    epochs = [line for line in log.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epochs] == ["1", "2"] and all("valid_loss" in line for line in epochs)  # the skipped epoch 0 is not logged
     assert history.epoch.tolist() == [0, 1, 2]
     expected = pd.read_csv(tmp_path / "whole" / "tiny" / "history.csv").lr.tolist()
     assert history.lr.tolist() == pytest.approx(expected)

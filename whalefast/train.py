@@ -290,7 +290,7 @@ def quiet_progress(learn: Learner) -> Learner:
 
     def log(row):
         names = list(learn.recorder.metric_names)
-        if list(row) == names:  # the header
+        if list(row) == names or len(row) < len(names):  # the header, or an epoch skipped on resume (its time alone)
             return
         parts = [f"{n} {v:.4f}" if isinstance(v, float) else f"{n} {'-' if v is None else v}" for n, v in zip(names, row)]
         console.print("  ".join(parts), highlight=False)
