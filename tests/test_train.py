@@ -125,11 +125,18 @@ def fit_interrupted_then_resumed(cfg, monkeypatch) -> pd.DataFrame:
     return pd.read_csv(cfg.run_dir / "history.csv")
 
 
-def test_resume_continues_the_schedule(tiny_data, tmp_path, monkeypatch):
-    cfg = tiny_fit_config(tiny_data, tmp_path, epochs=3, milestones=(2,), arch="whale-resnet", pretrained=False, size=32, opt="sgd", lr=0.02)
-    history = fit_interrupted_then_resumed(cfg, monkeypatch)
+def test_resume_continues_the_schedule_exactly(tiny_data, tmp_path, monkeypatch):
+    settings = dict(epochs=3, milestones=(2,), arch="whale-resnet", pretrained=False, size=32, opt="sgd", lr=0.02)
+    fit(tiny_fit_config(tiny_data, tmp_path / "whole", **settings))
+    history = fit_interrupted_then_resumed(tiny_fit_config(tiny_data, tmp_path / "parts", **settings), monkeypatch)
     assert history.epoch.tolist() == [0, 1, 2]
     assert history.lr.tolist() == pytest.approx([0.02, 0.02, 0.002])
+    whole = pd.read_csv(tmp_path / "whole" / "tiny" / "history.csv")
+    # The optimiser's momentum and the same shuffles and augmentations after the interruption: the
+    # uninterrupted run's validation losses and final weights (fastai's smoothed train loss restarts).
+    assert history.valid_loss.tolist() == pytest.approx(whole.valid_loss.tolist(), rel=1e-5)
+    final = [torch.load(tmp_path / run / "tiny" / "last.pth", weights_only=True)["model"] for run in ("whole", "parts")]
+    assert all(torch.allclose(final[0][k].float(), final[1][k].float(), atol=1e-5) for k in final[0])
 
 
 def test_resume_continues_a_one_cycle_schedule(tiny_data, tmp_path, monkeypatch, capsys):

@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -260,6 +261,7 @@ class Checkpoints(Callback):
                 "epoch": self.epoch,
                 "best_loss": self.best_loss,
                 "best_epoch": self.best_epoch,
+                "rng": rng_state(self.dls),
             }
             save_atomic(state, self.run_dir / "last.pth")
 
@@ -273,6 +275,31 @@ def optimizer_state(opt) -> dict:
 def plain_numbers(values: dict) -> dict:
     """`values` with NumPy scalars (fastai's one-cycle schedule sets the lr as one) as Python numbers."""
     return {k: v.item() if isinstance(v, np.generic) else v for k, v in values.items()}
+
+
+def rng_state(dls) -> dict:
+    """The random-number generators' states (Python's, NumPy's, torch's, each loader's), in types torch.load(weights_only=True) accepts."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "loaders": [dl.rng.getstate() if isinstance(getattr(dl, "rng", None), random.Random) else None for dl in dls.loaders],
+    }
+
+
+def set_rng_state(dls, state: dict) -> None:
+    """Restore what `rng_state` saved, so a resumed run draws the same shuffles and augmentations as an uninterrupted one."""
+    random.setstate(state["python"])
+    keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for dl, loader_state in zip(dls.loaders, state["loaders"]):
+        if loader_state is not None:
+            dl.rng.setstate(loader_state)
 
 
 def load_optimizer_state(opt, state: dict) -> None:
@@ -485,9 +512,6 @@ def train_network(cfg: FitConfig, resume: bool = False, distributed: bool = Fals
     if resume:
         state = load_saved(run_dir / "last.pth", "resume state")
         unwrap(learn.model).load_state_dict(state["model"])
-        learn.unfreeze()
-        learn.create_opt()
-        load_optimizer_state(learn.opt, state["opt"])
         start_epoch, best = state["epoch"] + 1, (state["best_loss"], state["best_epoch"])
         if (run_dir / "history.csv").exists():
             previous = pd.read_csv(run_dir / "history.csv")
@@ -497,6 +521,10 @@ def train_network(cfg: FitConfig, resume: bool = False, distributed: bool = Fals
         learn.fit(cfg.freeze_epochs, lr=cfg.lr, cbs=[StopOnNonFiniteLoss(cfg.lr)])
     learn.unfreeze()
     freeze_stages(unwrap(learn.model), cfg.frozen_stages)
+    if resume:
+        load_optimizer_state(learn.opt, state["opt"])  # after unfreeze, which clears the optimiser's state (momentum, Adam's moments)
+        if "rng" in state and not distributed:  # each process has its own generators; only rank 0's are saved
+            set_rng_state(learn.dls, state["rng"])
 
     history = History(run_dir, previous)
     configs = {} if resume else {run_dir / "config.json": asdict(cfg)}
