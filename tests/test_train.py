@@ -107,8 +107,8 @@ def test_tiny_fit_learns(tiny_softmax, tiny_data):
     assert history.lr.tolist() == pytest.approx([1e-3] * 5 + [1e-4])
 
 
-def fit_interrupted_then_resumed(cfg, monkeypatch) -> pd.DataFrame:
-    """Fit `cfg`, interrupted after its first epoch as by Ctrl-C, then resumed; the run's history."""
+def fit_interrupted(cfg, monkeypatch) -> None:
+    """Fit `cfg`, interrupted after its first epoch as by Ctrl-C."""
     original = Checkpoints.after_epoch
 
     def interrupt(self):
@@ -121,6 +121,11 @@ def fit_interrupted_then_resumed(cfg, monkeypatch) -> pd.DataFrame:
         fit(copy.deepcopy(cfg))
     assert pd.read_csv(cfg.run_dir / "history.csv").epoch.tolist() == [0]
     monkeypatch.setattr(Checkpoints, "after_epoch", original)
+
+
+def fit_interrupted_then_resumed(cfg, monkeypatch) -> pd.DataFrame:
+    """Fit `cfg`, interrupted after its first epoch as by Ctrl-C, then resumed; the run's history."""
+    fit_interrupted(cfg, monkeypatch)
     fit(copy.deepcopy(cfg), resume=True)
     return pd.read_csv(cfg.run_dir / "history.csv")
 
@@ -155,17 +160,7 @@ def test_resume_continues_a_one_cycle_schedule(tiny_data, tmp_path, monkeypatch,
 
 
 def test_a_moved_run_resumes_where_it_is_now(tiny_data, tmp_path, monkeypatch):
-    cfg = tiny_fit_config(tiny_data, tmp_path / "old", epochs=2, arch="whale-resnet", pretrained=False, size=32)
-    original = Checkpoints.after_epoch
-
-    def interrupt(self):
-        original(self)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(Checkpoints, "after_epoch", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        fit(copy.deepcopy(cfg))
-    monkeypatch.setattr(Checkpoints, "after_epoch", original)
+    fit_interrupted(tiny_fit_config(tiny_data, tmp_path / "old", epochs=2, arch="whale-resnet", pretrained=False, size=32), monkeypatch)
     shutil.move(tmp_path / "old", tmp_path / "new")
     fit(tiny_fit_config(tiny_data, tmp_path / "new", name="tiny"), resume=True)
     assert not (tmp_path / "old").exists()
