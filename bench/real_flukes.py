@@ -23,6 +23,7 @@ import pandas as pd
 
 from whalefast.boxes import BoxConfig, fit_boxes, write_training_boxes
 from whalefast.evaluate import evaluate
+from whalefast.io import size_text
 from whalefast.prepare import PrepareConfig, prepare
 from whalefast.recipes import recipe
 from whalefast.submit import submit
@@ -63,7 +64,8 @@ def run(args) -> pd.DataFrame:
         prepare_seconds = time.time() - start
         for method in args.methods:
             name = f"{method}-{crop}"
-            settings = {**RECIPES[method], **({"epochs": args.epochs} if args.epochs else {}), "members": args.members}
+            overrides = {"epochs": args.epochs, "size": args.size, "tta_scales": args.tta_scales}
+            settings = {**RECIPES[method], **{k: v for k, v in overrides.items() if v}, "members": args.members}
             cfg = FitConfig(data=str(data), recipe="flukes", name=name, models_dir=str(models), seed=args.seed, **settings)
             start = time.time()
             fitted = fit(cfg)
@@ -78,6 +80,8 @@ def run(args) -> pd.DataFrame:
                     "crop": crop,
                     "method": method,
                     "members": args.members,
+                    "size": size_text(cfg.size),
+                    "tta_scales": ",".join(f"{x:.3g}" for x in cfg.tta_scales),
                     "valid_map5": round(fitted["valid_map5"], 4),
                     "test_map5": round(scores["map5"], 4),
                     "test_catalogued": round(scores["map5_catalogued"], 4),
@@ -101,6 +105,8 @@ def main():
     parser.add_argument("--crops", nargs="+", default=["none", "given", "predicted"], choices=["none", "given", "predicted"])
     parser.add_argument("--methods", nargs="+", default=["softmax", "arcface"], choices=list(RECIPES))
     parser.add_argument("--epochs", type=int, help="override the recipes' epochs (quick checks)")
+    parser.add_argument("--size", help="override the recipes' input size, HEIGHTxWIDTH")
+    parser.add_argument("--tta-scales", help="override the recipes' test-time scales, e.g. 6/7,1,8/7 (1: none)")
     parser.add_argument("--members", type=int, default=1, help="fit --members: an ensemble of this many networks (each costs a full fit)")
     parser.add_argument("--valid-pct", type=float, default=0.05, help="prepare's --valid-pct: every held-out photo is one fewer to learn from")
     parser.add_argument("--seed", type=int, default=42)

@@ -115,6 +115,8 @@ def test_a_member_folder_left_by_another_run_is_not_resumed(tiny_data, tmp_path)
     assert not is_member_resumable(member)
     (member.run_dir / "config.json").write_text(json.dumps(vars(member), default=list))
     assert is_member_resumable(member)
+    (member.run_dir / "config.json").write_text(json.dumps({**json.loads(json.dumps(vars(member), default=list)), "tta_scales": [0.75, 1.0]}))
+    assert is_member_resumable(member)  # test-time scales apply after the members are trained
 
 
 def test_catalogue_add_and_predict_work_on_an_ensemble(tiny_ensemble, tmp_path):

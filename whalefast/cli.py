@@ -184,6 +184,13 @@ HeadLrOpt = Annotated[float, typer.Option(help="The head (and ArcFace's class ce
 WorkersOpt = Annotated[Optional[int], typer.Option(help="DataLoader workers.", show_default="0 on CPU, up to 8 on GPU", rich_help_panel=TRAIN)]
 CompileOpt = Annotated[bool, typer.Option(help="torch.compile the model.", rich_help_panel=TRAIN)]
 MapEveryOpt = Annotated[int, typer.Option(help="Validation MAP@5 every N epochs and at the last (arcface embeds every training photo for it).", rich_help_panel=TRAIN)]
+TtaScalesOpt = Annotated[
+    str,
+    typer.Option(
+        help="Test-time scales: catalogue, threshold and every new photo use the photo resized by each factor, the views combined, e.g. 6/7,1,8/7 (sizes round to 8 pixels).",
+        rich_help_panel=MODEL,
+    ),
+]
 MembersOpt = Annotated[int, typer.Option(help="Train an ensemble of this many networks, from seeds SEED, SEED+1 and so on, used as one model; each one costs a full fit.", rich_help_panel=MODEL)]
 
 
@@ -221,6 +228,7 @@ def fit(
     compile: CompileOpt = False,
     map_every: MapEveryOpt = 1,
     members: MembersOpt = 1,
+    tta_scales: TtaScalesOpt = "1",
     resume: Annotated[bool, typer.Option(help="Continue the interrupted run NAME from its last completed epoch, with its saved settings.", rich_help_panel=TRAIN)] = False,
     distributed: Annotated[bool, typer.Option(help="Train data-parallel in the processes `accelerate launch` started.", rich_help_panel=TRAIN)] = False,
 ):

@@ -24,6 +24,7 @@ def default_device() -> torch.device:
 
 def load_model(run_dir: str | os.PathLike, device: torch.device | None = None) -> tuple[nn.Module, FitConfig, dict]:
     """The trained network of a run (best weights, eval mode), its config and its calibration."""
+    from whalefast.ensemble import with_test_scales
     from whalefast.methods import inference_model
 
     run_dir = Path(run_dir)
@@ -33,6 +34,7 @@ def load_model(run_dir: str | os.PathLike, device: torch.device | None = None) -
         raise WhalefastError(f"{weights}: not found; did `whalefast fit --name {run_dir.name}` finish?")
     model = inference_model(cfg)
     model.load_state_dict(load_saved(weights, "model"))
+    model = with_test_scales(model, cfg)
     calibration_path = run_dir / "calibration.json"
     calibration = json.loads(calibration_path.read_text()) if calibration_path.exists() else {"threshold": None}
     device = device or default_device()

@@ -165,6 +165,20 @@ def as_size(value) -> Size:
     return parse_size(value)
 
 
+def as_scales(value, option: str = "--tta-scales") -> tuple[float, ...]:
+    """Test-time scale factors given as text ('6/7,1,8/7' or '0.86,1,1.14'), a number or a sequence, as a tuple of floats; a one-line error otherwise."""
+    from fractions import Fraction
+
+    parts = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+    try:
+        scales = tuple(float(Fraction(str(p).strip())) for p in parts)
+    except (ValueError, ZeroDivisionError):
+        scales = ()
+    if not scales or not all(0 < s <= 4 for s in scales):
+        raise WhalefastError(f"{option} must be comma-separated factors between 0 and 4 (e.g. 6/7,1,8/7), got {value!r}")
+    return scales
+
+
 def size_text(size) -> str:
     """(128, 256) -> '128x256'; (224, 224) -> '224'."""
     h, w = as_size(size)

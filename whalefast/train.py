@@ -31,7 +31,7 @@ from whalefast.console import console, results
 from whalefast.data import AUGMENTS, whale_dataloaders
 from whalefast.distributed import barrier, rank0_first
 from whalefast.errors import WhalefastError
-from whalefast.io import as_size, atomic_path, load_saved, size_text, write_csv, write_json
+from whalefast.io import as_scales, as_size, atomic_path, load_saved, size_text, write_csv, write_json
 from whalefast.metrics import NEW_WHALE_TARGET, calibrate_threshold, map5, rank_with_new_whale
 from whalefast.models import build_learner, freeze_stages, get_arch, stage_count
 from whalefast.schedule import StepSchedule, body_and_head
@@ -75,6 +75,7 @@ class FitConfig:
     compile: bool = False
     map_every: int = 1  # validation MAP@5 every N epochs and at the last (arcface embeds every training photo for it)
     members: int = 1  # an ensemble of this many networks, seeds seed, seed + 1, ... (whalefast.ensemble)
+    tta_scales: tuple[float, ...] = (1.0,)  # inference sees each photo resized by each factor, the views combined (whalefast.ensemble.MultiScale)
     crop: bool = False  # trained on fluke crops (prepare --boxes)
     box_model: str | None = None  # the box model that crops new photos, when prepare used one
     vocab: list[str] = field(default_factory=list)
@@ -82,6 +83,7 @@ class FitConfig:
     def __post_init__(self):
         self.size = as_size(self.size)
         self.milestones = tuple(int(m) for m in self.milestones)
+        self.tta_scales = as_scales(self.tta_scales)
 
     @property
     def flip_tta(self) -> bool:
@@ -583,14 +585,17 @@ def is_member_resumable(member: FitConfig) -> bool:
         saved = load_config(member.run_dir)
     except WhalefastError:
         return False
-    learnt = {"vocab", "crop", "box_model", "num_workers", "models_dir"}  # filled in by training, free to change on resume, or spelt another way
+    # Filled in by training, free to change on resume, spelt another way, or used only after the members are trained.
+    learnt = {"vocab", "crop", "box_model", "num_workers", "models_dir", "tta_scales"}
     return all(getattr(saved, k) == getattr(member, k) for k in FitConfig.__dataclass_fields__ if k not in learnt)
 
 
 def finish(cfg: FitConfig, model: nn.Module, dls, best_epoch: int | list[int], valid_loss: float) -> dict:
     """Calibrate the new_whale threshold on validation with the best weights; save it (and the catalogue); report the figures."""
+    from whalefast.ensemble import with_test_scales
     from whalefast.methods import embed_known_photos, final_catalogue, validation_scores
 
+    model = with_test_scales(model, cfg)
     known = embed_known_photos(cfg, model, dls) if cfg.method == "arcface" else None
     scores, targets = validation_scores(cfg, model, dls, known)
     new_whale_class = _new_whale_class(cfg.vocab)
