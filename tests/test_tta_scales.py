@@ -120,3 +120,12 @@ def test_the_cli_takes_scales_from_the_recipe_or_as_typed_and_refuses_bad_ones(t
     assert [cfg.tta_scales for cfg in seen] == [(6 / 7, 1.0, 8 / 7), (1.0,), (1.0,)]
     result = CliRunner().invoke(app, ["fit", "--data", str(tmp_path), "--tta-scales", "1,big"])
     assert result.exit_code == 1 and "--tta-scales must be comma-separated factors" in result.output and "Traceback" not in result.output
+
+
+def test_a_resume_refuses_other_scales_and_says_them_as_typed(tmp_path):
+    from whalefast.train import check_resume
+
+    saved = tiny_fit_config(tmp_path, tmp_path, tta_scales="6/7,1,8/7", size=(112, 224))
+    check_resume(saved, {"tta_scales": (6 / 7, 1.0, 8 / 7), "size": (112, 224)})
+    with pytest.raises(WhalefastError, match=r"--tta-scales 1 \(the run has 0\.8571,1,1\.143\); --size 128x256 \(the run has 112x224\)"):
+        check_resume(saved, {"tta_scales": (1.0,), "size": (128, 256)})

@@ -456,6 +456,13 @@ def check_config(cfg: FitConfig) -> None:
 RESUMABLE_CHANGES = {"num_workers", "name", "models_dir"}  # options a resumed run may change: they do not alter what it learns (the last two say where it is)
 
 
+def option_text(value) -> str:
+    """An option's value as one would type it: (6/7, 1.0) -> '0.8571,1'."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in value)
+    return str(value)
+
+
 def check_resume(saved: FitConfig, given: dict) -> None:
     """Refuse to resume when an option given now differs from the interrupted run's (resuming ignores them)."""
     differ = []
@@ -465,7 +472,8 @@ def check_resume(saved: FitConfig, given: dict) -> None:
         old = getattr(saved, key)
         new = getattr(FitConfig(**{**asdict(saved), key: value}), key)  # normalised as the config normalises it
         if new != old:
-            differ.append(f"--{key.replace('_', '-')} {value} (the run has {old})")
+            text = size_text if key == "size" else option_text
+            differ.append(f"--{key.replace('_', '-')} {text(new)} (the run has {text(old)})")
     if differ:
         raise WhalefastError(
             f"--resume continues {saved.name} with its saved settings, but {'; '.join(differ)}: drop those options, or start a new run with another --name"
