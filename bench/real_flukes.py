@@ -27,7 +27,7 @@ from whalefast.io import size_text
 from whalefast.prepare import PrepareConfig, prepare
 from whalefast.recipes import recipe
 from whalefast.submit import submit
-from whalefast.train import FitConfig, fit
+from whalefast.train import FitConfig, fit, option_text
 
 # The flukes recipe (whalefast/recipes.py) for arcface, and the same settings for a softmax classifier.
 RECIPES = {"arcface": recipe("flukes"), "softmax": {**recipe("flukes"), "method": "softmax"}}
@@ -81,7 +81,7 @@ def run(args) -> pd.DataFrame:
                     "method": method,
                     "members": args.members,
                     "size": size_text(cfg.size),
-                    "tta_scales": ",".join(f"{x:.3g}" for x in cfg.tta_scales),
+                    "tta_scales": option_text(cfg.tta_scales),
                     "valid_map5": round(fitted["valid_map5"], 4),
                     "test_map5": round(scores["map5"], 4),
                     "test_catalogued": round(scores["map5_catalogued"], 4),

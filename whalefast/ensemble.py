@@ -63,7 +63,7 @@ class MultiScale(nn.Module):
 
 def with_test_scales(model: nn.Module, cfg) -> nn.Module:
     """`model` as inference uses it: wrapped in MultiScale where the run has test-time scales other than 1."""
-    return model if tuple(cfg.tta_scales) == (1.0,) else MultiScale(model, cfg.tta_scales, cfg.method)
+    return model if cfg.tta_scales == (1.0,) else MultiScale(model, cfg.tta_scales, cfg.method)
 
 
 def member_config(cfg, index: int):

@@ -9,6 +9,7 @@ import os
 import re
 import secrets
 import warnings
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -167,8 +168,6 @@ def as_size(value) -> Size:
 
 def as_scales(value, option: str = "--tta-scales") -> tuple[float, ...]:
     """Test-time scale factors given as text ('6/7,1,8/7' or '0.86,1,1.14'), a number or a sequence, as a tuple of floats; a one-line error otherwise."""
-    from fractions import Fraction
-
     parts = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
     try:
         scales = tuple(float(Fraction(str(p).strip())) for p in parts)
