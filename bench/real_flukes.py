@@ -64,8 +64,8 @@ def run(args) -> pd.DataFrame:
         prepare_seconds = time.time() - start
         for method in args.methods:
             name = f"{method}-{crop}"
-            overrides = {"epochs": args.epochs, "size": args.size, "tta_scales": args.tta_scales}
-            settings = {**RECIPES[method], **{k: v for k, v in overrides.items() if v}, "members": args.members}
+            overrides = {"epochs": args.epochs, "size": args.size, "tta_scales": args.tta_scales, "parts": args.parts}
+            settings = {**RECIPES[method], **{k: v for k, v in overrides.items() if v is not None}, "members": args.members}
             cfg = FitConfig(data=str(data), recipe="flukes", name=name, models_dir=str(models), seed=args.seed, **settings)
             start = time.time()
             fitted = fit(cfg)
@@ -82,6 +82,7 @@ def run(args) -> pd.DataFrame:
                     "members": args.members,
                     "size": size_text(cfg.size),
                     "tta_scales": option_text(cfg.tta_scales),
+                    "parts": cfg.parts,
                     "valid_map5": round(fitted["valid_map5"], 4),
                     "test_map5": round(scores["map5"], 4),
                     "test_catalogued": round(scores["map5_catalogued"], 4),
@@ -107,6 +108,7 @@ def main():
     parser.add_argument("--epochs", type=int, help="override the recipes' epochs (quick checks)")
     parser.add_argument("--size", help="override the recipes' input size, HEIGHTxWIDTH")
     parser.add_argument("--tta-scales", help="override the recipes' test-time scales, e.g. 6/7,1,8/7 (1: none)")
+    parser.add_argument("--parts", type=int, help="override the recipes' fit --parts (0: the whole photo only)")
     parser.add_argument("--members", type=int, default=1, help="fit --members: an ensemble of this many networks (each costs a full fit)")
     parser.add_argument("--valid-pct", type=float, default=0.05, help="prepare's --valid-pct: every held-out photo is one fewer to learn from")
     parser.add_argument("--seed", type=int, default=42)

@@ -178,6 +178,7 @@ EmbedOpt = Annotated[int, typer.Option(help="Embedding size (arcface).", rich_he
 MarginOpt = Annotated[float, typer.Option(help="Additive angular margin in radians (arcface).", rich_help_panel=MODEL)]
 ScaleOpt = Annotated[float, typer.Option(help="Logit scale (arcface).", rich_help_panel=MODEL)]
 SubCentersOpt = Annotated[int, typer.Option(help="Sub-centres per id (arcface; 1: plain ArcFace).", rich_help_panel=MODEL)]
+PartsOpt = Annotated[int, typer.Option(help="Also cut each photo's features into this many vertical and as many horizontal strips, each embedded with its own ArcFace loss (arcface; 2: a fluke's left and right halves, upper half and trailing edge; 0: the whole photo only).", rich_help_panel=MODEL)]
 AugmentOpt = Annotated[str, typer.Option(help="reference (random horizontal and vertical flips) or fluke (small rotation, zoom, shift, shear, light; never mirrored).", rich_help_panel=TRAIN)]
 GreyOpt = Annotated[bool, typer.Option(help="Train and match on greyscale, so colour and greyscale photos look alike.", rich_help_panel=DATA)]
 HeadLrOpt = Annotated[float, typer.Option(help="The head (and ArcFace's class centres) learns this many times faster than the body.", rich_help_panel=TRAIN)]
@@ -221,6 +222,7 @@ def fit(
     margin: MarginOpt = 0.3,
     scale: ScaleOpt = 30.0,
     sub_centers: SubCentersOpt = 1,
+    parts: PartsOpt = 0,
     augment: AugmentOpt = "reference",
     head_lr_mult: HeadLrOpt = 1.0,
     grey: GreyOpt = False,

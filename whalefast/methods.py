@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -27,23 +28,60 @@ class GeM(nn.Module):
         return x.mean(dim=(2, 3)).pow(1.0 / self.p)
 
 
-class EmbeddingHead(nn.Module):
-    """GeM pooling and a linear map to `embed_dim` with batch-norm; the ArcFace class centres live here too, so the optimiser trains them."""
+def strips(x: torch.Tensor, parts: int) -> list[torch.Tensor]:
+    """`parts` vertical strips of a (B, C, H, W) feature map, left to right, then `parts` horizontal ones, top to bottom.
 
-    def __init__(self, features: int, embed_dim: int, n_classes: int, margin: float, scale: float, sub_centers: int = 1):
+    Neighbouring strips share a column (row) where the width (height) does not divide: a 112x224 input
+    gives a 4x7 map, whose halves are columns 0-3 and 3-6.
+    """
+
+    def cut(size: int, i: int) -> slice:
+        return slice((i * size) // parts, -((-(i + 1) * size) // parts))
+
+    height, width = x.shape[-2:]
+    return [x[..., cut(width, i)] for i in range(parts)] + [x[..., cut(height, i), :] for i in range(parts)]
+
+
+class EmbeddingHead(nn.Module):
+    """GeM pooling and a linear map to `embed_dim` with batch-norm; the ArcFace class centres live here too, so the optimiser trains them.
+
+    With `parts` N, the feature map cut into N vertical and N horizontal strips (for 2: a fluke's left
+    and right lobes, its upper half and its trailing edge) gives each strip its own pooling, linear map
+    and ArcFace centres too, so each learns to tell whales apart on its own. The output is then the whole
+    map's and the strips' unit embeddings side by side, over sqrt(1 + 2N): a cosine similarity is the
+    mean of theirs, as for ensemble members.
+    """
+
+    def __init__(self, features: int, embed_dim: int, n_classes: int, margin: float, scale: float, sub_centers: int = 1, parts: int = 0):
         super().__init__()
+        self.embed, self.arcface = self._branch(features, embed_dim, n_classes, margin, scale, sub_centers)
+        branches = [self._branch(features, embed_dim, n_classes, margin, scale, sub_centers) for _ in range(2 * parts)]
+        self.part_embeds = nn.ModuleList(b[0] for b in branches)
+        self.part_arcfaces = nn.ModuleList(b[1] for b in branches)
+
+    @staticmethod
+    def _branch(features: int, embed_dim: int, n_classes: int, margin: float, scale: float, sub_centers: int) -> tuple[nn.Module, nn.Module]:
         from pytorch_metric_learning.losses import ArcFaceLoss, SubCenterArcFaceLoss
 
-        self.embed = nn.Sequential(GeM(), nn.Linear(features, embed_dim), nn.BatchNorm1d(embed_dim))
+        embed = nn.Sequential(GeM(), nn.Linear(features, embed_dim), nn.BatchNorm1d(embed_dim))
         # pytorch-metric-learning takes the margin in degrees.
         degrees = float(torch.rad2deg(torch.tensor(margin)))
         if sub_centers > 1:
-            self.arcface = SubCenterArcFaceLoss(num_classes=n_classes, embedding_size=embed_dim, margin=degrees, scale=scale, sub_centers=sub_centers)
-        else:
-            self.arcface = ArcFaceLoss(num_classes=n_classes, embedding_size=embed_dim, margin=degrees, scale=scale)
+            return embed, SubCenterArcFaceLoss(num_classes=n_classes, embedding_size=embed_dim, margin=degrees, scale=scale, sub_centers=sub_centers)
+        return embed, ArcFaceLoss(num_classes=n_classes, embedding_size=embed_dim, margin=degrees, scale=scale)
+
+    @property
+    def losses(self) -> list[nn.Module]:
+        """The ArcFace loss of each branch, in the order of the output's blocks."""
+        return [self.arcface, *self.part_arcfaces]
 
     def forward(self, x):
-        return F.normalize(self.embed(x).float(), dim=1)
+        whole = F.normalize(self.embed(x).float(), dim=1)
+        if not len(self.part_embeds):
+            return whole
+        parts = strips(x, len(self.part_embeds) // 2)
+        blocks = [whole, *(F.normalize(embed(part).float(), dim=1) for embed, part in zip(self.part_embeds, parts))]
+        return torch.cat(blocks, dim=1) / math.sqrt(len(blocks))
 
 
 class ArcFaceCriterion(nn.Module):
@@ -58,7 +96,9 @@ class ArcFaceCriterion(nn.Module):
         mask = target != NEW_WHALE_TARGET
         if not bool(mask.any()):
             return embeddings.sum() * 0.0
-        return self.head[0].arcface(embeddings[mask].float(), target[mask])
+        losses = self.head[0].losses
+        blocks = embeddings[mask].float().chunk(len(losses), dim=1)  # ArcFace normalises each block itself
+        return sum(loss(block, target[mask]) for loss, block in zip(losses, blocks)) / len(losses)
 
 
 def cosine_id_scores(queries: torch.Tensor, catalogue: torch.Tensor, labels: torch.Tensor, n_ids: int) -> torch.Tensor:
@@ -150,7 +190,7 @@ def method_parts(cfg, dls):
 
 
 def embedding_head(cfg, n_classes: int) -> EmbeddingHead:
-    return EmbeddingHead(get_arch(cfg.arch).features, cfg.embed_dim, n_classes, cfg.margin, cfg.scale, cfg.sub_centers)
+    return EmbeddingHead(get_arch(cfg.arch).features, cfg.embed_dim, n_classes, cfg.margin, cfg.scale, cfg.sub_centers, cfg.parts)
 
 
 def inference_model(cfg) -> nn.Module:

@@ -13,11 +13,11 @@ RECIPES: dict[str, dict] = {
     "reference": {},
     # Real fluke photos on a CPU (bench/real_flukes.py): ArcFace embeddings and nearest catalogue
     # photos; efficientnet-lite0 (ImageNet weights that work offline) on aspect-true 112x224 crops in
-    # grey, never mirrored (augment="fluke"); no oversampling, so an epoch is one pass over the
-    # photos; Adam with one-cycle; validation MAP@5 every 4th epoch and at the last; each photo seen
-    # at 96x192, 112x224 and 128x256 at inference (tta_scales). On the real flukes, test MAP@5 is
-    # 0.521 for one network (0.478 at one scale), and 0.548, 0.566 with `--members 2`, 4, each
-    # member costing a full fit (bench/RESULTS.md).
+    # grey, never mirrored (augment="fluke"); the features' left and right halves, upper half and
+    # trailing edge embedded and trained on their own beside the whole (parts=2); no oversampling, so an
+    # epoch is one pass over the photos; Adam with one-cycle; validation MAP@5 every 4th epoch and at
+    # the last; each photo seen at 96x192, 112x224 and 128x256 at inference (tta_scales). Test MAP@5
+    # on the real flukes: bench/RESULTS.md.
     "flukes": dict(
         arch="efficientnet-lite0",
         method="arcface",
@@ -34,6 +34,7 @@ RECIPES: dict[str, dict] = {
         embed_dim=512,
         margin=0.4,
         scale=30.0,
+        parts=2,
         map_every=4,
         tta_scales=(6 / 7, 1.0, 8 / 7),
     ),

@@ -68,6 +68,7 @@ class FitConfig:
     margin: float = 0.3
     scale: float = 30.0
     sub_centers: int = 1
+    parts: int = 0  # arcface only, as embed_dim to sub_centers: the feature map cut into this many vertical and horizontal strips, each embedded and trained on its own beside the whole (EmbeddingHead)
     augment: str = "reference"  # or "fluke": see whalefast.data.FlukeAugment
     head_lr_mult: float = 1.0  # the head (and ArcFace's class centres) learns this many times faster than the body
     grey: bool = False  # train and match on greyscale: colour and greyscale photos then look alike
@@ -441,6 +442,8 @@ def check_config(cfg: FitConfig) -> None:
         value = getattr(cfg, option)
         if not (math.isfinite(value) and value >= 0):
             raise WhalefastError(f"--{option} must be a number of at least 0, got {value}")
+    if cfg.parts < 0 or cfg.parts == 1:
+        raise WhalefastError(f"--parts must be 0 (the whole photo only) or at least 2, got {cfg.parts}")
     if cfg.frozen_stages and cfg.frozen_stages > (most := stage_count(cfg.arch)):
         raise WhalefastError(f"--frozen-stages must be at most {most} for {cfg.arch}, got {cfg.frozen_stages}")
     if min(cfg.size) < 16:

@@ -1,0 +1,76 @@
+"""Training speed of the flukes recipe with and without part embeddings (fit --parts), side by side.
+
+Each setting trains efficientnet-lite0 (channels last) with the recipe's ArcFace head and loss, the
+whole feature map alone or with its strips, on random tensors and random ids: forward, backward and
+an Adam step per batch, no data loading. Settings take turns for `--rounds` rounds and the median of
+each is reported, so a slow moment of the machine hits all of them alike.
+
+    python bench/parts_speed.py                         # CPU, about 2 minutes on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from whalefast.io import as_size
+from whalefast.methods import ArcFaceCriterion, EmbeddingHead
+from whalefast.models import build_model, get_arch
+
+ARCH = "efficientnet-lite0"
+
+
+def make_step(parts: int, x: torch.Tensor, ids: int):
+    """One training step with `parts` strips, as a function of nothing."""
+    head = EmbeddingHead(get_arch(ARCH).features, 512, ids, margin=0.4, scale=30.0, parts=parts)
+    model = build_model(ARCH, ids, head=head).to(memory_format=torch.channels_last)
+    loss = ArcFaceCriterion(head)
+    x = x.contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, ids, (len(x),), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model.train()
+
+    def step():
+        opt.zero_grad()
+        loss(model(x), target).backward()
+        opt.step()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="112x224", help="HEIGHTxWIDTH (the flukes recipe's)")
+    parser.add_argument("--bs", type=int, default=32)
+    parser.add_argument("--ids", type=int, default=1305, help="ArcFace classes (the real flukes' training ids)")
+    parser.add_argument("--parts", default="0,2", help="comma-separated --parts values to compare; the first is the baseline")
+    parser.add_argument("--steps", type=int, default=4, help="timed batches per setting and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    h, w = as_size(args.size)
+    torch.manual_seed(0)
+    x = torch.randn(args.bs, 3, h, w)
+    settings = [int(p) for p in args.parts.split(",")]
+    steps = {p: make_step(p, x, args.ids) for p in settings}
+    for step in steps.values():  # warm up: first calls allocate and pick kernels
+        step()
+    rates = {p: [] for p in settings}
+    for _ in range(args.rounds):
+        for p, step in steps.items():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            rates[p].append(args.steps * args.bs / (time.perf_counter() - start))
+    base = statistics.median(rates[settings[0]])
+    print(f"{ARCH} training images/s at {h}x{w}, batch {args.bs}, {args.ids} ids, {torch.get_num_threads()} threads, median of {args.rounds} rounds")
+    print(f"{'parts':>6}{'branches':>10}{'img/s':>9}{'ratio':>8}")
+    for p, r in rates.items():
+        rate = statistics.median(r)
+        print(f"{p:>6}{1 + 2 * p:>10}{rate:>9.1f}{rate / base:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
