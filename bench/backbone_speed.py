@@ -12,10 +12,9 @@ all of them alike.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from interleaved import median_rates
 from torch import nn
 
 from whalefast.io import as_size
@@ -60,23 +59,12 @@ def main() -> None:
     h, w = as_size(args.size)
     torch.manual_seed(0)
     x = torch.randn(args.bs, 3, h, w)
-    steps = {s: make_step(*s, x) for s in SETTINGS}
-    for step in steps.values():  # warm up: first calls allocate and pick kernels
-        step()
-    rates = {s: [] for s in SETTINGS}
-    for _ in range(args.rounds):
-        for s, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            rates[s].append(args.steps * args.bs / (time.perf_counter() - start))
-    base = statistics.median(rates[SETTINGS[0]])
+    rates = median_rates({s: make_step(*s, x) for s in SETTINGS}, args.bs, args.steps, args.rounds)
+    base = rates[SETTINGS[0]]
     print(f"training images/s at {h}x{w}, batch {args.bs}, {torch.get_num_threads()} threads, median of {args.rounds} rounds")
     print(f"{'arch':<20}{'frozen stages':>14}{'channels last':>15}{'img/s':>9}{'ratio':>8}")
-    for (arch, frozen, cl), r in rates.items():
-        rate = statistics.median(r)
+    for (arch, frozen, cl), rate in rates.items():
         print(f"{arch:<20}{frozen:>14}{'yes' if cl else 'no':>15}{rate:>9.1f}{rate / base:>8.2f}")
-
 
 if __name__ == "__main__":
     main()

@@ -11,10 +11,9 @@ each is reported, so a slow moment of the machine hits all of them alike.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from interleaved import median_rates
 
 from whalefast.io import as_size
 from whalefast.methods import ArcFaceCriterion, EmbeddingHead
@@ -54,23 +53,12 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(args.bs, 3, h, w)
     settings = [int(p) for p in args.parts.split(",")]
-    steps = {p: make_step(p, x, args.ids) for p in settings}
-    for step in steps.values():  # warm up: first calls allocate and pick kernels
-        step()
-    rates = {p: [] for p in settings}
-    for _ in range(args.rounds):
-        for p, step in steps.items():
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            rates[p].append(args.steps * args.bs / (time.perf_counter() - start))
-    base = statistics.median(rates[settings[0]])
+    rates = median_rates({p: make_step(p, x, args.ids) for p in settings}, args.bs, args.steps, args.rounds)
+    base = rates[settings[0]]
     print(f"{ARCH} training images/s at {h}x{w}, batch {args.bs}, {args.ids} ids, {torch.get_num_threads()} threads, median of {args.rounds} rounds")
     print(f"{'parts':>6}{'branches':>10}{'img/s':>9}{'ratio':>8}")
-    for p, r in rates.items():
-        rate = statistics.median(r)
+    for p, rate in rates.items():
         print(f"{p:>6}{1 + 2 * p:>10}{rate:>9.1f}{rate / base:>8.2f}")
-
 
 if __name__ == "__main__":
     main()

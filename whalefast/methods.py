@@ -54,6 +54,7 @@ class EmbeddingHead(nn.Module):
 
     def __init__(self, features: int, embed_dim: int, n_classes: int, margin: float, scale: float, sub_centers: int = 1, parts: int = 0):
         super().__init__()
+        self.parts = parts
         self.embed, self.arcface = self._branch(features, embed_dim, n_classes, margin, scale, sub_centers)
         branches = [self._branch(features, embed_dim, n_classes, margin, scale, sub_centers) for _ in range(2 * parts)]
         self.part_embeds = nn.ModuleList(b[0] for b in branches)
@@ -77,10 +78,9 @@ class EmbeddingHead(nn.Module):
 
     def forward(self, x):
         whole = F.normalize(self.embed(x).float(), dim=1)
-        if not len(self.part_embeds):
+        if not self.parts:
             return whole
-        parts = strips(x, len(self.part_embeds) // 2)
-        blocks = [whole, *(F.normalize(embed(part).float(), dim=1) for embed, part in zip(self.part_embeds, parts))]
+        blocks = [whole, *(F.normalize(embed(part).float(), dim=1) for embed, part in zip(self.part_embeds, strips(x, self.parts)))]
         return torch.cat(blocks, dim=1) / math.sqrt(len(blocks))
 
 
