@@ -66,5 +66,6 @@ def main() -> None:
     for (arch, frozen, cl), rate in rates.items():
         print(f"{arch:<20}{frozen:>14}{'yes' if cl else 'no':>15}{rate:>9.1f}{rate / base:>8.2f}")
 
+
 if __name__ == "__main__":
     main()

@@ -60,5 +60,6 @@ def main() -> None:
     for p, rate in rates.items():
         print(f"{p:>6}{1 + 2 * p:>10}{rate:>9.1f}{rate / base:>8.2f}")
 
+
 if __name__ == "__main__":
     main()

@@ -54,7 +54,15 @@ def run(args) -> pd.DataFrame:
     box_seconds = 0.0
     if "predicted" in args.crops:
         start = time.time()
-        box = fit_boxes(BoxConfig(data=str(data), boxes=str(write_training_boxes(data / "boxes.csv", data / "train.csv", work / "train_boxes.csv")), models_dir=str(models), name="boxes", **BOX_RECIPE))
+        box = fit_boxes(
+            BoxConfig(
+                data=str(data),
+                boxes=str(write_training_boxes(data / "boxes.csv", data / "train.csv", work / "train_boxes.csv")),
+                models_dir=str(models),
+                name="boxes",
+                **BOX_RECIPE,
+            )
+        )
         box_seconds = time.time() - start
         print(f"box model: held-out IoU {box['iou_mean']:.3f} (>= 0.5: {box['iou_at_least_0.5']:.1%}) in {box_seconds:.0f} s", flush=True)
     for crop in args.crops:

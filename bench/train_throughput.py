@@ -60,8 +60,18 @@ class StepTimer(Callback):
 def whalefast_rate(args, data: Path) -> float:
     """Images/s of whalefast's fit path (cache, GPU batch transforms, fastai Learner)."""
     cfg = FitConfig(
-        data=str(data), arch=args.arch, size=args.size, bs=args.bs, lr=0.01, pretrained=False, epochs=1000,
-        min_samples=args.min_samples, models_dir=tempfile.mkdtemp(), name="bench", num_workers=args.workers, compile=args.compile,
+        data=str(data),
+        arch=args.arch,
+        size=args.size,
+        bs=args.bs,
+        lr=0.01,
+        pretrained=False,
+        epochs=1000,
+        min_samples=args.min_samples,
+        models_dir=tempfile.mkdtemp(),
+        name="bench",
+        num_workers=args.workers,
+        compile=args.compile,
     )
     dls = whale_dataloaders(data, size=cfg.size, bs=cfg.bs, min_samples=cfg.min_samples, num_workers=cfg.num_workers)
     cfg.vocab = list(dls.vocab)
@@ -78,10 +88,15 @@ class PlainDataset(torch.utils.data.Dataset):
 
     def __init__(self, folder: Path, names: list[str], labels: list[int], size: int):
         self.folder, self.names, self.labels = folder, names, labels
-        self.tfm = T.Compose([
-            T.Resize((size, size)), T.RandomHorizontalFlip(), T.RandomVerticalFlip(), T.ToTensor(),
-            T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-        ])
+        self.tfm = T.Compose(
+            [
+                T.Resize((size, size)),
+                T.RandomHorizontalFlip(),
+                T.RandomVerticalFlip(),
+                T.ToTensor(),
+                T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+            ]
+        )
 
     def __len__(self):
         return len(self.names)

@@ -1,7 +1,7 @@
 """Make docs/review.png: the review page of a trained run, in headless Chromium (Debian's chromium and chromedriver).
 
-    python docs/screenshot.py --model demo-arcface --photos data/demo/test --n 3
-    python docs/screenshot.py --model demo-arcface --photos data/demo/test/00d6a101.jpg data/demo/test/01ea2f30.jpg data/demo/test/02c91c2c.jpg   # what README shows
+python docs/screenshot.py --model demo-arcface --photos data/demo/test --n 3
+python docs/screenshot.py --model demo-arcface --photos data/demo/test/00d6a101.jpg data/demo/test/01ea2f30.jpg data/demo/test/02c91c2c.jpg   # what README shows
 """
 
 from __future__ import annotations

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
-import pytest
-
 import pandas as pd
+import pytest
 
 from whalefast.metrics import map5_labels
 from whalefast.prepare import PrepareConfig, prepare
@@ -46,8 +46,20 @@ def baseline_map5(data: Path) -> float:
 def tiny_fit_config(data: Path, models: Path, **kw) -> FitConfig:
     """Settings for a fit that takes seconds on 2 CPU cores and still learns."""
     base = dict(
-        data=str(data), arch="efficientnet-lite0", pretrained=True, size=(48, 96), bs=32, epochs=6, lr=1e-3,
-        milestones=(5,), schedule="step", opt="adam", min_samples=4, name="tiny", models_dir=str(models), seed=0,
+        data=str(data),
+        arch="efficientnet-lite0",
+        pretrained=True,
+        size=(48, 96),
+        bs=32,
+        epochs=6,
+        lr=1e-3,
+        milestones=(5,),
+        schedule="step",
+        opt="adam",
+        min_samples=4,
+        name="tiny",
+        models_dir=str(models),
+        seed=0,
     )
     base.update(kw)
     return FitConfig(**base)
@@ -67,3 +79,39 @@ def tiny_arcface(tiny_data, tmp_path_factory):
     models = tmp_path_factory.mktemp("models")
     result = fit(tiny_fit_config(tiny_data, models, name="arcface", method="arcface", embed_dim=64, scale=16.0, map_every=4))
     return models / "arcface", result
+
+
+class ReviewBrowser:
+    """A review app reached as a browser tab on this machine reaches it: its own Host and Origin, each form's CSRF token."""
+
+    ORIGIN = "http://127.0.0.1:8000"
+
+    def __init__(self, app):
+        from fastapi.testclient import TestClient
+
+        self.app = app
+        self.client = TestClient(app, base_url=self.ORIGIN)
+
+    @property
+    def review(self):
+        return self.app.state.review
+
+    def get(self, url: str, **kwargs):
+        return self.client.get(url, **kwargs)
+
+    def token(self, page: str = "/") -> str:
+        """The CSRF token in the forms of `page`."""
+        return re.search(r'name="csrf" value="([0-9a-f]+)"', self.client.get(page).text).group(1)
+
+    def post(self, url: str, data: dict | None = None, files=None, page: str = "/", **kwargs):
+        """Submit a form of `page` as the page's own script or button would."""
+        data = {"csrf": self.token(page), **(data or {})}
+        return self.client.post(url, data=data, files=files, headers={"Origin": self.ORIGIN}, **kwargs)
+
+
+@pytest.fixture
+def review_browser():
+    """Open the review app of a run: review_browser(run_dir, **create_app options) -> ReviewBrowser."""
+    from whalefast.serve import create_app
+
+    return lambda run_dir, **kwargs: ReviewBrowser(create_app(run_dir, **kwargs))

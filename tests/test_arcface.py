@@ -4,9 +4,9 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import baseline_map5
 from PIL import Image
 
-from conftest import baseline_map5
 from whalefast.catalogue import add_to_catalogue, load_catalogue
 from whalefast.methods import EmbeddingHead, cosine_id_scores
 from whalefast.predict import predict

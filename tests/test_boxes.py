@@ -5,6 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_fit_config
 from PIL import Image
 
 from whalefast.boxes import BoxConfig, box_iou, fit_boxes, read_boxes, shift_and_flip, write_training_boxes
@@ -13,8 +14,6 @@ from whalefast.errors import WhalefastError
 from whalefast.io import load_image, parse_size, widen_box
 from whalefast.prepare import PrepareConfig, prepare
 from whalefast.train import fit, load_config
-
-from conftest import tiny_fit_config
 
 
 def test_iou_hand_computed():

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from whalefast.dedup import dedup, decide_group, hash_images, match_test
+from whalefast.dedup import decide_group, dedup, hash_images, match_test
 
 
 def _photo(seed: int, size=(120, 80)) -> Image.Image:
@@ -20,11 +20,15 @@ def _hashed(folder, rows):
 
 def test_each_dedup_rule(tmp_path):
     rows = [
-        ("a1.jpg", 1, "w_a"), ("a2.jpg", 1, "w_a"),            # one id: keep one
-        ("b1.png", 2, "w_b"), ("b2.png", 2, "new_whale"),      # new_whale + one id: drop new_whale
-        ("c1.png", 3, "w_c"), ("c2.png", 3, "w_d"),            # two ids: drop the group
-        ("d1.png", 4, "new_whale"), ("d2.png", 4, "new_whale"),  # new_whale only: keep one
-        ("e1.png", 5, "w_e"),                                   # no duplicate: untouched
+        ("a1.jpg", 1, "w_a"),
+        ("a2.jpg", 1, "w_a"),  # one id: keep one
+        ("b1.png", 2, "w_b"),
+        ("b2.png", 2, "new_whale"),  # new_whale + one id: drop new_whale
+        ("c1.png", 3, "w_c"),
+        ("c2.png", 3, "w_d"),  # two ids: drop the group
+        ("d1.png", 4, "new_whale"),
+        ("d2.png", 4, "new_whale"),  # new_whale only: keep one
+        ("e1.png", 5, "w_e"),  # no duplicate: untouched
     ]
     clean, groups = dedup(_hashed(tmp_path, rows))
     actions = dict(zip(groups.images.str.split().str[0], groups.action))

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 import torch
 
+from whalefast.data import image_cache, load_split, training_items
 from whalefast.inference import load_model, run_model
 from whalefast.metrics import map5_calibrated
-from whalefast.data import image_cache, load_split, training_items
 
 
 def test_two_cpu_processes_train_one_model(tiny_data, tmp_path):
@@ -17,9 +17,34 @@ def test_two_cpu_processes_train_one_model(tiny_data, tmp_path):
         pytest.skip("torchrun not on PATH")
     models = tmp_path / "models"
     command = [
-        "torchrun", "--nproc_per_node", "2", "-m", "whalefast", "fit", "--distributed",
-        "--data", str(tiny_data), "--arch", "whale-resnet", "--no-pretrained", "--size", "32", "--bs", "16",
-        "--epochs", "2", "--milestones", "1", "--lr", "0.02", "--name", "ddp", "--models-dir", str(models), "--min-samples", "2",
+        "torchrun",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "whalefast",
+        "fit",
+        "--distributed",
+        "--data",
+        str(tiny_data),
+        "--arch",
+        "whale-resnet",
+        "--no-pretrained",
+        "--size",
+        "32",
+        "--bs",
+        "16",
+        "--epochs",
+        "2",
+        "--milestones",
+        "1",
+        "--lr",
+        "0.02",
+        "--name",
+        "ddp",
+        "--models-dir",
+        str(models),
+        "--min-samples",
+        "2",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
@@ -31,7 +56,7 @@ def test_two_cpu_processes_train_one_model(tiny_data, tmp_path):
 
     run_dir = models / "ddp"
     files = sorted(p.name for p in run_dir.iterdir())
-    assert files == ["calibration.json", "config.json", "curves.png", "history.csv", "last.pth", "model.pth"]
+    assert files == ["calibration.json", "config.json", "curves.png", "history.csv", "last.pth", "model.pth", "status.json"]
     history = pd.read_csv(run_dir / "history.csv")
     assert history.epoch.tolist() == [0, 1]
 

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import baseline_map5, tiny_fit_config
 from torch import nn
 
-from conftest import baseline_map5, tiny_fit_config
 from whalefast.catalogue import load_catalogue
 from whalefast.ensemble import Ensemble, member_config
 from whalefast.errors import WhalefastError

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import baseline_map5, tiny_fit_config
+
 from whalefast.catalogue import load_catalogue
 from whalefast.inference import load_model, run_model
 from whalefast.methods import ArcFaceCriterion, EmbeddingHead, strips
@@ -73,7 +73,17 @@ def test_the_loss_is_the_mean_of_each_branchs_arcface_loss_over_catalogued_rows(
 
 def test_a_head_without_parts_keeps_the_checkpoint_layout_of_earlier_runs():
     head = EmbeddingHead(features=8, embed_dim=4, n_classes=3, margin=0.4, scale=10.0)
-    expected = ["embed.0.p", "embed.1.weight", "embed.1.bias", "embed.2.weight", "embed.2.bias", "embed.2.running_mean", "embed.2.running_var", "embed.2.num_batches_tracked", "arcface.W"]
+    expected = [
+        "embed.0.p",
+        "embed.1.weight",
+        "embed.1.bias",
+        "embed.2.weight",
+        "embed.2.bias",
+        "embed.2.running_mean",
+        "embed.2.running_var",
+        "embed.2.num_batches_tracked",
+        "arcface.W",
+    ]
     assert list(head.state_dict()) == expected
     assert list(head_with_parts(1).state_dict())[: len(expected)] == expected
 
@@ -110,4 +120,6 @@ def test_the_cli_takes_parts_from_the_recipe_or_as_typed_and_refuses_bad_ones(tm
     monkeypatch.undo()  # the real fit checks its settings before it reads any data
     for bad in ("-1", "1"):
         result = CliRunner().invoke(app, ["fit", "--data", str(tmp_path), "--method", "arcface", "--parts", bad])
-        assert result.exit_code == 1 and f"--parts must be 0 (the whole photo only) or at least 2, got {bad}" in result.output and "Traceback" not in result.output
+        assert (
+            result.exit_code == 1 and f"--parts must be 0 (the whole photo only) or at least 2, got {bad}" in result.output and "Traceback" not in result.output
+        )

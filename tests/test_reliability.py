@@ -7,6 +7,7 @@ import shutil
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_fit_config
 from typer.testing import CliRunner
 
 from whalefast.catalogue import add_to_catalogue, load_catalogue
@@ -14,8 +15,6 @@ from whalefast.errors import WhalefastError
 from whalefast.io import to_json, write_csv
 from whalefast.predict import example_photos, predict
 from whalefast.train import fit
-
-from conftest import tiny_fit_config
 
 runner = CliRunner()
 
@@ -30,8 +29,29 @@ def test_diverging_fit_stops_with_one_line_and_leaves_nothing(tiny_data, tmp_pat
     with pytest.raises(WhalefastError, match=r"diverged in epoch 0.*lower --lr \(this run used 1e\+06\)"):
         fit(_fast(tiny_data, tmp_path, lr=1e6, momentum=0.99))
     assert not (tmp_path / "tiny").exists()  # a run that failed before its first epoch ended leaves no folder
-    result = runner.invoke(app_cli(), ["fit", "--data", str(tiny_data), "--arch", "whale-resnet", "--no-pretrained", "--size", "32",
-                                       "--bs", "16", "--epochs", "1", "--lr", "1e6", "--models-dir", str(tmp_path), "--name", "x"])
+    result = runner.invoke(
+        app_cli(),
+        [
+            "fit",
+            "--data",
+            str(tiny_data),
+            "--arch",
+            "whale-resnet",
+            "--no-pretrained",
+            "--size",
+            "32",
+            "--bs",
+            "16",
+            "--epochs",
+            "1",
+            "--lr",
+            "1e6",
+            "--models-dir",
+            str(tmp_path),
+            "--name",
+            "x",
+        ],
+    )
     assert result.exit_code == 1 and "diverged in epoch 0" in result.output and "Traceback" not in result.output
 
 
@@ -103,8 +123,10 @@ def test_catalogue_add_is_idempotent_and_relabels_explicitly(tiny_arcface, tiny_
     write_csv(pd.DataFrame({"Image": [names[0]], "Id": ["w_two"]}), tmp_path / "relabel.csv")
     with pytest.raises(WhalefastError, match=f"{names[0]} is already catalogued as w_one, not w_two.*--relabel"):
         add_to_catalogue(run_dir, tmp_path / "relabel.csv", folder)
-    result = runner.invoke(app_cli(), ["catalogue", "add", "--model", "arcface", "--models-dir", str(tmp_path),
-                                       "--csv", str(tmp_path / "relabel.csv"), "--images", str(folder), "--relabel"])
+    result = runner.invoke(
+        app_cli(),
+        ["catalogue", "add", "--model", "arcface", "--models-dir", str(tmp_path), "--csv", str(tmp_path / "relabel.csv"), "--images", str(folder), "--relabel"],
+    )
     assert result.exit_code == 0, result.output
     assert f"relabelled {folder / names[0]}: w_one -> w_two" in result.stdout
     cat = load_catalogue(run_dir)
@@ -167,8 +189,30 @@ def test_missing_model_names_the_runs_there(tiny_softmax):
 def test_interrupted_fit_says_how_to_continue_and_resume_refuses_other_options(tiny_data, tmp_path, monkeypatch):
     from whalefast import train
 
-    args = ["fit", "--data", str(tiny_data), "--arch", "whale-resnet", "--no-pretrained", "--size", "32", "--bs", "16",
-            "--epochs", "2", "--milestones", "1", "--lr", "0.02", "--models-dir", str(tmp_path), "--name", "run", "--min-samples", "2"]
+    args = [
+        "fit",
+        "--data",
+        str(tiny_data),
+        "--arch",
+        "whale-resnet",
+        "--no-pretrained",
+        "--size",
+        "32",
+        "--bs",
+        "16",
+        "--epochs",
+        "2",
+        "--milestones",
+        "1",
+        "--lr",
+        "0.02",
+        "--models-dir",
+        str(tmp_path),
+        "--name",
+        "run",
+        "--min-samples",
+        "2",
+    ]
     original = train.Checkpoints.after_epoch
 
     def interrupt(self):
@@ -200,8 +244,29 @@ def test_help_shows_defaults_and_whole_arch_names():
 
 
 def test_quiet_epoch_lines_when_not_a_terminal(tiny_data, tmp_path):
-    result = runner.invoke(app_cli(), ["fit", "--data", str(tiny_data), "--arch", "whale-resnet", "--no-pretrained", "--size", "32",
-                                       "--bs", "16", "--epochs", "2", "--milestones", "1", "--lr", "0.02", "--models-dir", str(tmp_path)])
+    result = runner.invoke(
+        app_cli(),
+        [
+            "fit",
+            "--data",
+            str(tiny_data),
+            "--arch",
+            "whale-resnet",
+            "--no-pretrained",
+            "--size",
+            "32",
+            "--bs",
+            "16",
+            "--epochs",
+            "2",
+            "--milestones",
+            "1",
+            "--lr",
+            "0.02",
+            "--models-dir",
+            str(tmp_path),
+        ],
+    )
     assert result.exit_code == 0, result.output
     epoch_lines = [line for line in result.stderr.splitlines() if line.startswith("epoch ")]
     assert len(epoch_lines) == 2 and "train_loss" in epoch_lines[0]

@@ -125,23 +125,19 @@ def test_softmax_review_shows_training_photos_and_logs_only(tiny_softmax, tiny_d
     assert not (run_dir / "catalogue.pt").exists()
 
 
-def test_pages_upload_decide_and_export(arc_run, tiny_data):
-    from fastapi.testclient import TestClient
-
-    from whalefast.serve import create_app
-
-    client = TestClient(create_app(arc_run))
+def test_pages_upload_decide_and_export(arc_run, tiny_data, review_browser):
+    client = review_browser(arc_run)
     assert client.get("/").status_code == 200
     bad = client.post("/upload", files=[("files", ("notes.txt", b"not an image", "text/plain"))])
     assert bad.status_code == 400 and "notes.txt: not a photo" in bad.text
     name, data = _photo_bytes(tiny_data)
     ok = client.post("/upload", files=[("files", (name, data, "image/jpeg")), ("files", ("junk.jpg", b"junk", "image/jpeg"))])
     assert ok.status_code == 200 and "added 1 photo to the queue" in ok.text and "junk.jpg: not a photo" in ok.text
-    qid = next(iter(client.app.state.review.queue))
+    qid = next(iter(client.review.queue))
     page = client.get(f"/query/{qid}?n=3")
     assert page.status_code == 200 and page.text.count('class="card cand"') == 3
-    top = client.app.state.review.candidates(qid, 1)[0].id
-    decided = client.post(f"/query/{qid}/decide", data={"same_id": top, "comment": "ok", "expected": "0"}, follow_redirects=False)
+    top = client.review.candidates(qid, 1)[0].id
+    decided = client.post(f"/query/{qid}/decide", data={"same_id": top, "comment": "ok", "expected": "0"}, page=f"/query/{qid}", follow_redirects=False)
     assert decided.status_code == 303
     home = client.get(decided.headers["location"])
     assert f"{name}: same whale {top}" in home.text and "added to the catalogue" in home.text
@@ -158,12 +154,8 @@ def test_serve_unknown_model_is_one_line(tmp_path):
     assert result.exit_code == 1 and "no such model" in result.output and "Traceback" not in result.output
 
 
-def test_huge_uploads_and_conflicting_catalogue_photos_get_a_message(arc_run, tiny_data):
-    from fastapi.testclient import TestClient
-
-    from whalefast.serve import create_app
-
-    client = TestClient(create_app(arc_run, max_upload_bytes=2000))
+def test_huge_uploads_and_conflicting_catalogue_photos_get_a_message(arc_run, tiny_data, review_browser):
+    client = review_browser(arc_run, max_upload_bytes=2000)
     name, data = _photo_bytes(tiny_data)
     assert len(data) > 2000
     big = client.post("/upload", files=[("files", (name, data, "image/jpeg"))])

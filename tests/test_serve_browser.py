@@ -92,6 +92,8 @@ def test_upload_confirm_and_check_log_and_catalogue(server, tiny_data, tmp_path)
         top = cards[0].get_attribute("data-id")
         image_loaded = browser.execute_script("return document.getElementById('query-photo').naturalWidth")
         assert image_loaded > 0
+        # The page's script is a file of its own (the Content-Security-Policy allows no inline script): it ran.
+        assert "/photo/known/" in browser.execute_script("return document.getElementById('known').src")
         browser.find_element(By.ID, "zoom").send_keys("\ue014")  # arrow right: zoom in
         browser.save_screenshot(str(tmp_path / "review.png"))
         cards[0].find_element(By.CSS_SELECTOR, "button.same").click()

@@ -37,10 +37,12 @@ def test_split_guarantees():
 
 
 def test_oversampling_counts_and_untouched_validation():
-    items = pd.DataFrame({
-        "Id": ["a"] * 12 + ["b"] * 3 + ["c"] + ["b", "c"],
-        "is_valid": [False] * 16 + [True, True],
-    })
+    items = pd.DataFrame(
+        {
+            "Id": ["a"] * 12 + ["b"] * 3 + ["c"] + ["b", "c"],
+            "is_valid": [False] * 16 + [True, True],
+        }
+    )
     train_idx, valid_idx = oversampling_splitter(min_samples=10)(items)
     assert valid_idx == [16, 17]
     assert train_idx[:16] == list(range(16))  # originals first, once each

@@ -25,12 +25,15 @@ def _submission(tmp_path, rows, name="sub.csv"):
 
 def test_evaluate_hand_computed(tmp_path):
     answers = _answers(tmp_path)
-    sub = _submission(tmp_path, [
-        ("a.jpg", "w_1 w_2 w_3 new_whale"),   # rank 1
-        ("b.jpg", "new_whale w_1 w_2"),       # rank 3
-        ("c.jpg", "w_1 new_whale"),           # rank 2
-        ("d.jpg", "w_1 w_2 new_whale"),       # miss
-    ])
+    sub = _submission(
+        tmp_path,
+        [
+            ("a.jpg", "w_1 w_2 w_3 new_whale"),  # rank 1
+            ("b.jpg", "new_whale w_1 w_2"),  # rank 3
+            ("c.jpg", "w_1 new_whale"),  # rank 2
+            ("d.jpg", "w_1 w_2 new_whale"),  # miss
+        ],
+    )
     r = evaluate(sub, answers)
     assert r["map5"] == pytest.approx((1 + 1 / 3 + 1 / 2 + 0) / 4)
     assert r["map5_catalogued"] == pytest.approx((1 + 1 / 3 + 0) / 3)
@@ -98,7 +101,20 @@ def test_predict_json_and_sheet(tiny_softmax, tiny_data, tmp_path):
     run_dir, _ = tiny_softmax
     photos = sorted((tiny_data / "test").iterdir())[:2]
     result = CliRunner().invoke(
-        app, ["predict", *map(str, photos), "--model", run_dir.name, "--models-dir", str(run_dir.parent), "--json", "--top", "3", "--sheet", str(tmp_path / "sheet.png")]
+        app,
+        [
+            "predict",
+            *map(str, photos),
+            "--model",
+            run_dir.name,
+            "--models-dir",
+            str(run_dir.parent),
+            "--json",
+            "--top",
+            "3",
+            "--sheet",
+            str(tmp_path / "sheet.png"),
+        ],
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout[: result.stdout.rindex("]") + 1])

@@ -1,6 +1,7 @@
 import hashlib
 import os
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -8,8 +9,6 @@ from typer.testing import CliRunner
 
 from whalefast.cli import app
 from whalefast.synth import SynthConfig, generate, photos_per_id
-
-import numpy as np
 
 
 def test_layout_and_counts(tiny_data):

@@ -22,6 +22,7 @@ from torchvision.ops import generalized_box_iou_loss
 from whalefast.console import console, progress_bar
 from whalefast.errors import WhalefastError
 from whalefast.io import load_image, load_saved, photo_size, read_csv_file, read_labels, write_csv, write_json
+from whalefast.run_status import check_finished, mark_finished
 
 BOX_COLUMNS = ["x0", "y0", "x1", "y1"]
 BOXES_KIND = "boxes"  # config.json's "kind" for a box model
@@ -90,6 +91,7 @@ class BoxConfig:
     name: str = "boxes"
     models_dir: str = "models"
     kind: str = BOXES_KIND
+    prepared: str | None = None  # where the decoded-image cache goes: PREPARED/cache (DATA/prepared by default)
 
     @property
     def run_dir(self) -> Path:
@@ -215,17 +217,31 @@ class _Images:
         return self.caches[self.folder_of[name]][name]
 
 
+def check_box_config(cfg: BoxConfig) -> None:
+    """One-line errors, each naming its option, for settings that cannot work."""
+    from whalefast.models import get_arch
+
+    get_arch(cfg.arch)
+    for option in ("epochs", "bs"):
+        if getattr(cfg, option) < 1:
+            raise WhalefastError(f"--{option} must be at least 1, got {getattr(cfg, option)}")
+    if not 32 <= cfg.size <= 1024:
+        raise WhalefastError(f"--size must be 32 to 1024 pixels, got {cfg.size}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise WhalefastError(f"--lr must be a positive number, got {cfg.lr}")
+    if not 0 < cfg.valid_pct < 1:
+        raise WhalefastError(f"--valid-pct must lie strictly between 0 and 1, got {cfg.valid_pct}")
+    if not 0 <= cfg.seed < 2**32:
+        raise WhalefastError(f"--seed must lie in 0..{2**32 - 1}, got {cfg.seed}")
+
+
 def fit_boxes(cfg: BoxConfig) -> dict:
     """Train the box regressor on cfg.boxes; report IoU on held-out photos; save it in models/NAME/."""
     from whalefast.allocator import reuse_freed_memory
     from whalefast.models import build_learner, get_arch
-    from whalefast.train import Checkpoints, StopOnNonFiniteLoss, quiet_progress
+    from whalefast.train import Checkpoints, StartRunFolder, StopOnNonFiniteLoss, quiet_progress, run_files
 
-    get_arch(cfg.arch)
-    if cfg.epochs < 1:
-        raise WhalefastError(f"--epochs must be at least 1, got {cfg.epochs}")
-    if cfg.size < 32:
-        raise WhalefastError(f"--size must be at least 32 pixels, got {cfg.size}")
+    check_box_config(cfg)
     data = Path(cfg.data)
     if not data.is_dir():
         raise WhalefastError(f"{data}: data folder not found")
@@ -238,21 +254,34 @@ def fit_boxes(cfg: BoxConfig) -> dict:
     is_valid = np.zeros(len(items), dtype=bool)
     is_valid[rng.permutation(len(items))[: max(1, int(round(cfg.valid_pct * len(items))))]] = True
     items["is_valid"] = is_valid
-    caches = {f: whole_photo_cache(data / f, items.Image[items.Folder == f].tolist(), cfg.size, data / "prepared" / "cache") for f in sorted(set(items.Folder))}
+    cache_dir = Path(cfg.prepared or data / "prepared") / "cache"
+    caches = {f: whole_photo_cache(data / f, items.Image[items.Folder == f].tolist(), cfg.size, cache_dir) for f in sorted(set(items.Folder))}
     images = _Images(caches, dict(zip(items.Image, items.Folder)))
     train_ds, valid_ds = BoxDataset(images, items[~items.is_valid]), BoxDataset(images, items[items.is_valid])
+    if cfg.bs > len(train_ds):
+        raise WhalefastError(f"--bs {cfg.bs} is more than the {len(train_ds)} boxed training photos: no training step would run; use a smaller --bs")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dls = DataLoaders.from_dsets(train_ds, valid_ds, bs=cfg.bs, drop_last=True, device=device, num_workers=0)
     dls.valid.drop_last = False
     train = items[~items.is_valid]
     prior = ((train.fx0 + train.fx1).mean() / 2, (train.fy0 + train.fy1).mean() / 2, (train.fx1 - train.fx0).mean(), (train.fy1 - train.fy0).mean())
     head = BoxHead(get_arch(cfg.arch).features, prior)
-    learn = build_learner(dls, cfg.arch, n_out=4, pretrained=cfg.pretrained, head=head, loss_func=BoxLoss(), opt_func=Adam, metrics=[AvgMetric(iou)], cbs=[BoxAugment(), FrozenBatchNorm()])
+    learn = build_learner(
+        dls,
+        cfg.arch,
+        n_out=4,
+        pretrained=cfg.pretrained,
+        head=head,
+        loss_func=BoxLoss(),
+        opt_func=Adam,
+        metrics=[AvgMetric(iou)],
+        cbs=[BoxAugment(), FrozenBatchNorm()],
+    )
     learn.unfreeze()  # vision_learner freezes a pretrained body; a box needs it fine-tuned
     quiet_progress(learn)
     run_dir = cfg.run_dir
-    checkpoints = Checkpoints(run_dir, {run_dir / "config.json": asdict(cfg)}, resumable=False)
-    learn.fit_one_cycle(cfg.epochs, lr_max=cfg.lr, cbs=[StopOnNonFiniteLoss(cfg.lr), checkpoints])
+    checkpoints = Checkpoints(run_dir, resumable=False)
+    learn.fit_one_cycle(cfg.epochs, lr_max=cfg.lr, cbs=[StopOnNonFiniteLoss(cfg.lr), StartRunFolder(run_files(run_dir, asdict(cfg))), checkpoints])
     learn.model.load_state_dict(torch.load(run_dir / "model.pth", map_location="cpu", weights_only=True))
 
     valid = items[items.is_valid].reset_index(drop=True)
@@ -271,6 +300,7 @@ def fit_boxes(cfg: BoxConfig) -> dict:
     valid = valid.assign(px0=pred[:, 0].numpy(), py0=pred[:, 1].numpy(), px1=pred[:, 2].numpy(), py1=pred[:, 3].numpy(), iou=ious.numpy())
     write_csv(valid[["Image", "Folder", "fx0", "fy0", "fx1", "fy1", "px0", "py0", "px1", "py1", "iou"]], run_dir / "valid_boxes.csv")
     box_sheet(data, valid, run_dir / "boxes.png")
+    mark_finished(run_dir)
     return {"run_dir": str(run_dir), **summary}
 
 
@@ -282,24 +312,34 @@ def predict_fractions(model: nn.Module, arrays, device, bs: int = 64) -> torch.T
     return out.cpu() if len(out) else torch.zeros(0, 4)
 
 
+def check_box_model(run_dir: str | os.PathLike) -> BoxConfig:
+    """The settings of the finished box model in `run_dir`, or a one-line error saying what it is instead."""
+    import json
+
+    run_dir = Path(run_dir)
+    path = run_dir / "config.json"
+    try:
+        raw = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        raw = {}
+    if raw.get("kind") != BOXES_KIND:
+        raise WhalefastError(f"{run_dir}: not a box model (train one with `whalefast boxes fit`)")
+    check_finished(run_dir, "metrics.json", f"its boxes fit did not finish; run `whalefast boxes fit --name {run_dir.name}` again")
+    if not (run_dir / "model.pth").is_file():
+        raise WhalefastError(f"{run_dir / 'model.pth'}: not found; run `whalefast boxes fit --name {run_dir.name}` again")
+    return BoxConfig(**{k: v for k, v in raw.items() if k in BoxConfig.__dataclass_fields__})
+
+
 class BoxModel:
     """A trained box regressor, loaded once (eval mode): fluke boxes in pixels for whole photos."""
 
     def __init__(self, run_dir: str | os.PathLike, device: torch.device | None = None):
-        import json
-
         from whalefast.models import build_model, get_arch
 
         run_dir = Path(run_dir)
-        path = run_dir / "config.json"
-        raw = json.loads(path.read_text()) if path.is_file() else {}
-        if raw.get("kind") != BOXES_KIND:
-            raise WhalefastError(f"{run_dir}: not a box model (train one with `whalefast boxes fit`)")
-        self.cfg = BoxConfig(**{k: v for k, v in raw.items() if k in BoxConfig.__dataclass_fields__})
+        self.cfg = check_box_model(run_dir)
         model = build_model(self.cfg.arch, 4, head=BoxHead(get_arch(self.cfg.arch).features))
         weights = run_dir / "model.pth"
-        if not weights.is_file():
-            raise WhalefastError(f"{weights}: not found; did `whalefast boxes fit --name {run_dir.name}` finish?")
         model.load_state_dict(load_saved(weights, "box model"))
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(self.device).eval()
@@ -313,7 +353,9 @@ class BoxModel:
         return fractions * np.concatenate([sizes, sizes], axis=1)
 
 
-def predict_boxes(box_model: BoxModel | str | os.PathLike, folder: str | os.PathLike, names: list[str], cache_dir: str | os.PathLike | None = None) -> pd.DataFrame:
+def predict_boxes(
+    box_model: BoxModel | str | os.PathLike, folder: str | os.PathLike, names: list[str], cache_dir: str | os.PathLike | None = None
+) -> pd.DataFrame:
     """Predicted boxes (Image,x0,y0,x1,y1 in pixels) for photos in `folder`; with `cache_dir`, unreadable photos are left out."""
     model = box_model if isinstance(box_model, BoxModel) else BoxModel(box_model)
     folder = Path(folder)
@@ -354,4 +396,4 @@ def box_sheet(data: Path, valid: pd.DataFrame, out: Path, n: int = 12) -> None:
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
     plt.close(fig)
-    console.print(f"box examples saved to [bold]{out}[/bold]")
+    console.print(f"box examples saved to {out}")

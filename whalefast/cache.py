@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from whalefast.io import Box, Size, as_size, atomic_path, load_image, size_text, write_csv
+from whalefast.io import Box, Size, as_size, atomic_path, load_image, remove_stale_temps, reserve_space, size_text, write_csv
+from whalefast.parallel import process_pool
 
 
 class CachedImages:
@@ -70,6 +70,7 @@ def build_cache(
     """
     folder, cache_dir, size = Path(folder), Path(cache_dir), as_size(size)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(cache_dir)
     stem = cache_dir / f"{folder.name}-{size_text(size)}{'-crop' if boxes is not None else ''}{'-grey' if grey else ''}"
     data_path, index_path = stem.with_suffix(".u8"), stem.with_suffix(".csv")
     boxes = boxes or {}
@@ -87,8 +88,10 @@ def build_cache(
 
     todo = [n for n in names if n not in old_rows]
     old_array = np.memmap(data_path, dtype=np.uint8, mode="r", shape=(len(old), *size, 3)) if len(old) else None
+    shape = (max(1, len(names)), *size, 3)
     with atomic_path(data_path) as tmp:
-        out = np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(max(1, len(names)), *size, 3))
+        reserve_space(tmp, int(np.prod(shape)))
+        out = np.memmap(tmp, dtype=np.uint8, mode="r+", shape=shape)
         for i, n in enumerate(names):
             if n in old_rows:
                 out[i] = old_array[old_rows[n]]
@@ -97,7 +100,7 @@ def build_cache(
         step = max(1, min(64, len(todo) // (workers * 4) + 1))
         chunks = [todo[i : i + step] for i in range(0, len(todo), step)]
         if chunks:
-            with ProcessPoolExecutor(workers) as pool:
+            with process_pool(workers) as pool:
                 jobs = [([str(folder / n) for n in c], [boxes.get(n) for n in c], tuple(size), grey) for c in chunks]
                 for chunk, (arr, chunk_problems) in zip(chunks, pool.map(_decode_chunk, jobs)):
                     out[[position[n] for n in chunk]] = arr

@@ -7,7 +7,6 @@ explicit, reported relabel.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,18 +16,9 @@ import torch
 
 from whalefast import NEW_WHALE
 from whalefast.errors import WhalefastError
-from whalefast.io import atomic_path, load_saved, read_labels
+from whalefast.io import file_digest, load_saved, read_labels, save_torch
 
 CATALOGUE_FILE = "catalogue.pt"
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes: the identity of a photo in the catalogue."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def make_catalogue(embeddings: torch.Tensor, ids: list[str], labels: list[str], photos: list[str | os.PathLike]) -> dict:
@@ -50,8 +40,7 @@ def catalogue_path(run_dir: str | os.PathLike) -> Path:
 
 def save_catalogue(catalogue: dict, path: str | os.PathLike) -> None:
     """torch.save of plain tensors, lists and strings (loadable with weights_only=True), atomically."""
-    with atomic_path(path) as tmp:
-        torch.save(catalogue, tmp)
+    save_torch(catalogue, path)
 
 
 def load_catalogue(run_dir: str | os.PathLike) -> dict:
@@ -123,11 +112,14 @@ def add_to_catalogue(run_dir: str | os.PathLike, csv: str | os.PathLike, images_
     return add_photos(run_dir, [(images_dir / n, i) for n, i in zip(rows.Image, rows.Id)], relabel, source=str(csv))
 
 
-def add_photos(run_dir: str | os.PathLike, photos: list[tuple[str | os.PathLike, str]], relabel: bool = False, source: str = "photos") -> dict:
+def add_photos(
+    run_dir: str | os.PathLike, photos: list[tuple[str | os.PathLike, str]], relabel: bool = False, source: str = "photos", embedded: dict | None = None
+) -> dict:
     """Add (photo path, id) pairs, new ids included, to a run's catalogue; returns what changed.
 
     A photo already in the catalogue under the same id is left as it is; under another id it is an
-    error unless `relabel`, which moves it and reports the move.
+    error unless `relabel`, which moves it and reports the move. `embedded` maps a photo's path (as
+    given) to its embedding where the caller has one already (the review app); the others are embedded here.
     """
     from whalefast.inference import PhotoLoader, load_model, run_model
 
@@ -139,15 +131,19 @@ def add_photos(run_dir: str | os.PathLike, photos: list[tuple[str | os.PathLike,
             f"{source}: {Path(path).name} is already catalogued as {old}, not {new} ({len(plan.relabel)} such photos); "
             "pass --relabel to move them to the new ids"
         )
-    arrays = []
-    if plan.new:
+    embedded = {str(k): v for k, v in (embedded or {}).items()}
+    todo = [path for path, _, _ in plan.new if path not in embedded]
+    if todo:
         model, cfg, _ = load_model(run_dir)
         loader = PhotoLoader(cfg)
-        for path, _, _ in plan.new:
+        arrays = []
+        for path in todo:
             array, problem = loader.load(path)
             if problem:
                 raise WhalefastError(f"{path}: {problem}")
             arrays.append(array)
+        outputs = run_model(model, arrays, bs=cfg.bs, tta=cfg.flip_tta, device=next(model.parameters()).device).cpu()
+        embedded.update(zip(todo, outputs))
     ids = list(catalogue["ids"])
     ids += [i for i in dict.fromkeys([w for _, w, _ in plan.new] + [n for _, _, _, n in plan.relabel]) if i not in ids]
     code = {v: i for i, v in enumerate(ids)}
@@ -155,8 +151,8 @@ def add_photos(run_dir: str | os.PathLike, photos: list[tuple[str | os.PathLike,
     for _, entry, _, new in plan.relabel:
         labels[entry] = code[new]
     embeddings = catalogue["embeddings"]
-    if arrays:
-        added = run_model(model, arrays, bs=cfg.bs, tta=cfg.flip_tta, device=next(model.parameters()).device).cpu()
+    if plan.new:
+        added = torch.stack([embedded[path].reshape(-1) for path, _, _ in plan.new])
         embeddings = torch.cat([embeddings, torch.nn.functional.normalize(added.float(), dim=1)])
         labels = torch.cat([labels, torch.tensor([code[w] for _, w, _ in plan.new], dtype=torch.long)])
     grown = {

@@ -6,18 +6,45 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
-
-# A deprecation notice raised inside a dependency at import time; it says nothing to a whalefast user.
-warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
+from typer.core import TyperGroup
 
 from whalefast import __version__
 from whalefast.errors import WhalefastError
 
+# A deprecation notice raised inside a dependency at import time; it says nothing to a whalefast user.
+warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
+
+
+# Typer ships its own copy of click (its exceptions are not click's), so they are found through Typer's.
+UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (an unknown option, a value of the wrong type) as one line on stderr, exit 2, instead of a panel."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # `whalefast` alone, or a command group without its command
+                typer.echo(e.ctx.get_help())
+                sys.exit(0)
+            where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+            typer.echo(f"error: {e.format_message()}{where}", err=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="whalefast",
+    cls=OneLineErrors,
     help="Identify individual humpback whales from fluke photos: prepare, fit, submit, match.",
     rich_markup_mode="rich",
     no_args_is_help=True,
@@ -34,6 +61,12 @@ TRAIN = "Training"
 OUT = "Output"
 
 DataOpt = Annotated[Path, typer.Option("--data", help="Folder in the Kaggle layout (train.csv, train/, test/).", rich_help_panel=DATA)]
+PreparedOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--prepared", help="prepare's output folder (its --out), e.g. when the data folder is read-only.", show_default="DATA/prepared", rich_help_panel=DATA
+    ),
+]
 ModelsDirOpt = Annotated[Path, typer.Option("--models-dir", help="Where runs are saved.", rich_help_panel=OUT)]
 
 
@@ -45,15 +78,17 @@ def _version(value: bool):
 
 @app.callback()
 def main(
-    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
+    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None,
 ):
     """Identify individual humpback whales from fluke photos."""
 
 
 def _fail(e: WhalefastError):
+    from rich.text import Text
+
     from whalefast.console import console
 
-    console.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True, markup=True)
+    console.print(Text.assemble(("error:", "bold red"), f" {e}"), highlight=False, soft_wrap=True)
     raise typer.Exit(1)
 
 
@@ -62,6 +97,10 @@ def _run(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except WhalefastError as e:
         _fail(e)
+    except OSError as e:  # a full disk, an unwritable or vanished file met outside whalefast's own checks
+        from whalefast.io import os_error_text
+
+        _fail(WhalefastError(os_error_text(e)))
 
 
 def _print_json(obj) -> None:
@@ -90,16 +129,20 @@ def synth(
 
     cfg = SynthConfig(seed=seed, whales=whales, train_images=train_images, test_images=test_images)
     path = _run(generate, out, cfg)
-    console.print(f"wrote synthetic dataset to [bold]{path}[/bold]")
+    console.print(f"wrote synthetic dataset to {path}")
 
 
 @app.command()
 def prepare(
     data: DataOpt = Path("data"),
-    out: Annotated[Optional[Path], typer.Option(help="Where to write results.", show_default="DATA/prepared", rich_help_panel=OUT)] = None,
+    out: Annotated[Path | None, typer.Option(help="Where to write results.", show_default="DATA/prepared", rich_help_panel=OUT)] = None,
     boxes: Annotated[
-        Optional[str],
-        typer.Option(help="Crop every photo to its fluke: a boxes CSV (Image,x0,y0,x1,y1) or a box model (a folder, or NAME in --models-dir).", show_default="no crop", rich_help_panel=DATA),
+        str | None,
+        typer.Option(
+            help="Crop every photo to its fluke: a boxes CSV (Image,x0,y0,x1,y1) or a box model (a folder, or NAME in --models-dir).",
+            show_default="no crop",
+            rich_help_panel=DATA,
+        ),
     ] = None,
     models_dir: ModelsDirOpt = Path("models"),
     max_distance: Annotated[int, typer.Option(help="Merge photos whose pHashes differ in at most this many bits (0: identical).")] = 0,
@@ -139,8 +182,9 @@ def _fit_config(**kw):
     kw["name"] = kw["name"] or (kw["arch"] if kw.get("recipe", "reference") == "reference" else kw["recipe"])
     for key in ("data", "models_dir"):
         kw[key] = str(kw[key])
+    kw["prepared"] = str(kw["prepared"]) if kw.get("prepared") else None
     if kw.get("min_samples") is None:
-        kw["min_samples"] = prepare_settings(Path(kw["data"]) / "prepared").get("min_samples", 10)
+        kw["min_samples"] = prepare_settings(Path(kw["prepared"]) if kw["prepared"] else Path(kw["data"]) / "prepared").get("min_samples", 10)
     return FitConfig(**kw)
 
 
@@ -167,24 +211,39 @@ GammaOpt = Annotated[float, typer.Option(help="lr factor at each milestone.", ri
 OptOpt = Annotated[str, typer.Option(help="sgd (the reference: momentum 0.9, L2 1e-4) or adam (fastai's default).", rich_help_panel=TRAIN)]
 ScheduleOpt = Annotated[str, typer.Option(help="step (the reference) or one-cycle (fastai).", rich_help_panel=TRAIN)]
 FreezeOpt = Annotated[int, typer.Option(help="Epochs training only the head first (pretrained models).", rich_help_panel=TRAIN)]
-FrozenStagesOpt = Annotated[int, typer.Option(help="Keep the stem and this many backbone stages at their ImageNet weights (trains faster; 0: train all).", rich_help_panel=TRAIN)]
+FrozenStagesOpt = Annotated[
+    int, typer.Option(help="Keep the stem and this many backbone stages at their ImageNet weights (trains faster; 0: train all).", rich_help_panel=TRAIN)
+]
 SizeOpt = Annotated[str, typer.Option(help="Input size in pixels: N (square) or HEIGHTxWIDTH, e.g. 128x256 for aspect-true flukes.", rich_help_panel=DATA)]
 PretrainedOpt = Annotated[bool, typer.Option(help="Start from ImageNet weights.", rich_help_panel=MODEL)]
-NameOpt = Annotated[Optional[str], typer.Option(help="Run name: models/NAME/.", show_default="the recipe, or the arch for reference", rich_help_panel=OUT)]
+NameOpt = Annotated[str | None, typer.Option(help="Run name: models/NAME/.", show_default="the recipe, or the arch for reference", rich_help_panel=OUT)]
 SeedOpt = Annotated[int, typer.Option(help="Random seed.", rich_help_panel=TRAIN)]
-MinSamplesOpt = Annotated[Optional[int], typer.Option(help="Oversample rarer ids to this count.", show_default="prepare's --min-samples", rich_help_panel=DATA)]
+MinSamplesOpt = Annotated[int | None, typer.Option(help="Oversample rarer ids to this count.", show_default="prepare's --min-samples", rich_help_panel=DATA)]
 NewWhaleOpt = Annotated[bool, typer.Option(help="Train new_whale as a class (the reference) instead of a threshold.", rich_help_panel=MODEL)]
 EmbedOpt = Annotated[int, typer.Option(help="Embedding size (arcface).", rich_help_panel=MODEL)]
 MarginOpt = Annotated[float, typer.Option(help="Additive angular margin in radians (arcface).", rich_help_panel=MODEL)]
 ScaleOpt = Annotated[float, typer.Option(help="Logit scale (arcface).", rich_help_panel=MODEL)]
 SubCentersOpt = Annotated[int, typer.Option(help="Sub-centres per id (arcface; 1: plain ArcFace).", rich_help_panel=MODEL)]
-PartsOpt = Annotated[int, typer.Option(help="Also cut each photo's features into this many vertical and as many horizontal strips, each embedded with its own ArcFace loss (arcface; 2: a fluke's left and right halves, upper half and trailing edge; 0: the whole photo only).", rich_help_panel=MODEL)]
-AugmentOpt = Annotated[str, typer.Option(help="reference (random horizontal and vertical flips) or fluke (small rotation, zoom, shift, shear, light; never mirrored).", rich_help_panel=TRAIN)]
+PartsOpt = Annotated[
+    int,
+    typer.Option(
+        help="Also cut each photo's features into this many vertical and as many horizontal strips, each embedded with its own ArcFace loss (arcface; 2: a fluke's left and right halves, upper half and trailing edge; 0: the whole photo only).",
+        rich_help_panel=MODEL,
+    ),
+]
+AugmentOpt = Annotated[
+    str,
+    typer.Option(
+        help="reference (random horizontal and vertical flips) or fluke (small rotation, zoom, shift, shear, light; never mirrored).", rich_help_panel=TRAIN
+    ),
+]
 GreyOpt = Annotated[bool, typer.Option(help="Train and match on greyscale, so colour and greyscale photos look alike.", rich_help_panel=DATA)]
 HeadLrOpt = Annotated[float, typer.Option(help="The head (and ArcFace's class centres) learns this many times faster than the body.", rich_help_panel=TRAIN)]
-WorkersOpt = Annotated[Optional[int], typer.Option(help="DataLoader workers.", show_default="0 on CPU, up to 8 on GPU", rich_help_panel=TRAIN)]
+WorkersOpt = Annotated[int | None, typer.Option(help="DataLoader workers.", show_default="0 on CPU, up to 8 on GPU", rich_help_panel=TRAIN)]
 CompileOpt = Annotated[bool, typer.Option(help="torch.compile the model.", rich_help_panel=TRAIN)]
-MapEveryOpt = Annotated[int, typer.Option(help="Validation MAP@5 every N epochs and at the last (arcface embeds every training photo for it).", rich_help_panel=TRAIN)]
+MapEveryOpt = Annotated[
+    int, typer.Option(help="Validation MAP@5 every N epochs and at the last (arcface embeds every training photo for it).", rich_help_panel=TRAIN)
+]
 TtaScalesOpt = Annotated[
     str,
     typer.Option(
@@ -192,13 +251,19 @@ TtaScalesOpt = Annotated[
         rich_help_panel=MODEL,
     ),
 ]
-MembersOpt = Annotated[int, typer.Option(help="Train an ensemble of this many networks, from seeds SEED, SEED+1 and so on, used as one model; each one costs a full fit.", rich_help_panel=MODEL)]
+MembersOpt = Annotated[
+    int,
+    typer.Option(
+        help="Train an ensemble of this many networks, from seeds SEED, SEED+1 and so on, used as one model; each one costs a full fit.", rich_help_panel=MODEL
+    ),
+]
 
 
 @app.command()
 def fit(
     ctx: typer.Context,
     data: DataOpt = Path("data"),
+    prepared: PreparedOpt = None,
     recipe: RecipeOpt = "reference",
     arch: ArchOpt = "resnet50",
     method: MethodOpt = "softmax",
@@ -231,7 +296,9 @@ def fit(
     map_every: MapEveryOpt = 1,
     members: MembersOpt = 1,
     tta_scales: TtaScalesOpt = "1",
-    resume: Annotated[bool, typer.Option(help="Continue the interrupted run NAME from its last completed epoch, with its saved settings.", rich_help_panel=TRAIN)] = False,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the interrupted run NAME from its last completed epoch, with its saved settings.", rich_help_panel=TRAIN)
+    ] = False,
     distributed: Annotated[bool, typer.Option(help="Train data-parallel in the processes `accelerate launch` started.", rich_help_panel=TRAIN)] = False,
 ):
     """Train a model (defaults: the reference recipe, ResNet-50 at 224 px, SGD 0.01 -> x0.1 after epochs 16 and 19)."""
@@ -243,7 +310,7 @@ def fit(
     cfg = _run(_fit_config, **options)
     if resume:
         typed = {k: getattr(cfg, k) for k in _given(ctx) if k in options}
-        _run(check_resume, _run(load_config, cfg.run_dir), typed)
+        _run(check_resume, _run(load_config, cfg.run_dir, finished=False), typed)
     started = time.time()
     try:
         _run(run, cfg, resume, distributed)
@@ -255,13 +322,14 @@ def fit(
             console.print(f"interrupted; continue with: whalefast fit --name {cfg.name} --models-dir {cfg.models_dir} --resume")
         else:
             console.print("interrupted before the first epoch ended; nothing was saved")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
 
 
 @app.command("lr-find")
 def lr_find(
     ctx: typer.Context,
     data: DataOpt = Path("data"),
+    prepared: PreparedOpt = None,
     recipe: RecipeOpt = "reference",
     arch: ArchOpt = "resnet50",
     method: MethodOpt = "softmax",
@@ -282,7 +350,7 @@ def lr_find(
     cfg = _run(_fit_config, milestones="", **_run(_with_recipe, ctx, dict(ctx.params)))
     result = _run(run, cfg)
     results.print(table("Suggested learning rates", ["rule", "lr"], [[k, f"{v:.2e}"] for k, v in result["suggestions"].items()]))
-    console.print(f"plot saved to [bold]{result['plot']}[/bold]")
+    console.print(f"plot saved to {result['plot']}")
 
 
 ModelOpt = Annotated[str, typer.Option("--model", help="Run name in the models folder.", rich_help_panel=MODEL)]
@@ -291,16 +359,19 @@ ModelOpt = Annotated[str, typer.Option("--model", help="Run name in the models f
 @app.command()
 def submit(
     data: DataOpt = Path("data"),
+    prepared: PreparedOpt = None,
     model: ModelOpt = "resnet50",
     models_dir: ModelsDirOpt = Path("models"),
     out: Annotated[Path, typer.Option(help="Submission file to write.", rich_help_panel=OUT)] = Path("submission.csv"),
-    tta: Annotated[bool, typer.Option(help="Average with the horizontally flipped photo (models trained on mirrored photos; the fluke augmentation never mirrors).")] = True,
+    tta: Annotated[
+        bool, typer.Option(help="Average with the horizontally flipped photo (models trained on mirrored photos; the fluke augmentation never mirrors).")
+    ] = True,
 ):
     """Write a Kaggle submission (Image,Id with five ids) for every photo in test/."""
     from whalefast.console import results, table
     from whalefast.submit import submit as run
 
-    s = _run(run, data, models_dir / model, out, tta)
+    s = _run(run, data, models_dir / model, out, tta, prepared)
     results.print(
         table(
             f"Submission written to {s['out']}",
@@ -322,10 +393,10 @@ def predict(
     models_dir: ModelsDirOpt = Path("models"),
     top: Annotated[int, typer.Option(help="How many ids per photo.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
-    sheet: Annotated[Optional[Path], typer.Option(help="Save a review sheet PNG: each photo beside a catalogue photo of each match.")] = None,
+    sheet: Annotated[Path | None, typer.Option(help="Save a review sheet PNG: each photo beside a catalogue photo of each match.")] = None,
 ):
     """Rank the most likely whale ids for photos; unreadable photos are skipped and listed."""
-    from whalefast.console import console, results, table
+    from whalefast.console import console, results, table, warn
     from whalefast.predict import predict as run
     from whalefast.predict import review_sheet
 
@@ -338,19 +409,19 @@ def predict(
             if "matches" in r:
                 results.print(table(r["image"], ["rank", "id", "score"], [[k + 1, m["id"], f"{m['score']:.4f}"] for k, m in enumerate(r["matches"])]))
     for r in failed:
-        console.print(f"[yellow]skipped {r['image']}: {r['error']}[/yellow]", highlight=False)
+        warn(f"skipped {r['image']}: {r['error']}")
     if len(failed) == len(found):
         _fail(WhalefastError(f"none of the {len(found)} photos could be read"))
     if sheet:
         path = _run(review_sheet, found, models_dir / model, sheet)
-        console.print(f"review sheet saved to [bold]{path}[/bold]")
+        console.print(f"review sheet saved to {path}")
 
 
 @app.command()
 def evaluate(
     submission: Annotated[Path, typer.Argument(help="Submission CSV (Image,Id).")],
     answers: Annotated[Path, typer.Argument(help="Ground truth CSV (Image,Id).")],
-    train: Annotated[Optional[Path], typer.Option(help="train.csv whose ids are valid.", show_default="train.csv beside ANSWERS")] = None,
+    train: Annotated[Path | None, typer.Option(help="train.csv whose ids are valid.", show_default="train.csv beside ANSWERS")] = None,
 ):
     """Score a submission: MAP@5 with its catalogued / new_whale breakdown."""
     from whalefast.console import results, table
@@ -390,6 +461,14 @@ def demo(
 def boxes_fit(
     boxes: Annotated[Path, typer.Option(help="Boxes CSV: Image,x0,y0,x1,y1 in pixels of photos in train/ or test/.", rich_help_panel=DATA)],
     data: DataOpt = Path("data"),
+    prepared: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where the decoded-image cache goes (PREPARED/cache), e.g. when the data folder is read-only.",
+            show_default="DATA/prepared",
+            rich_help_panel=DATA,
+        ),
+    ] = None,
     arch: ArchOpt = "efficientnet-lite0",
     size: Annotated[int, typer.Option(help="Square input size in pixels (the whole photo, squashed).", rich_help_panel=DATA)] = 96,
     epochs: EpochsOpt = 4,
@@ -405,7 +484,9 @@ def boxes_fit(
     from whalefast.boxes import BoxConfig, fit_boxes
     from whalefast.console import results, table
 
-    cfg = BoxConfig(str(data), str(boxes), arch, size, epochs, bs, lr, valid_pct, seed, pretrained, name, str(models_dir))
+    cfg = BoxConfig(
+        str(data), str(boxes), arch, size, epochs, bs, lr, valid_pct, seed, pretrained, name, str(models_dir), prepared=str(prepared) if prepared else None
+    )
     r = _run(fit_boxes, cfg)
     results.print(
         table(
@@ -459,8 +540,15 @@ def serve(
     models_dir: ModelsDirOpt = Path("models"),
     host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 keeps the app to this machine (see the README before exposing it).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Another host name the browser may use to reach the app (an authenticating reverse proxy's); repeat for several.",
+            show_default="the --host address and localhost",
+        ),
+    ] = None,
 ):
     """Start the match-review web app: query photos beside their best candidates, decisions logged beside the model."""
     from whalefast.serve import serve as run
 
-    _run(run, models_dir / model, host, port)
+    _run(run, models_dir / model, host, port, allow_host or [])

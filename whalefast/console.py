@@ -8,8 +8,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console(stderr=True, soft_wrap=True)  # progress and logs; long lines stay whole in a log file
-results = Console(soft_wrap=True)  # what a command answers: tables a user may redirect to a file
+# No console markup: paths, ids and comments are the user's, and '[/x]' in one must print as it is.
+console = Console(stderr=True, soft_wrap=True, markup=False)  # progress and logs; long lines stay whole in a log file
+results = Console(soft_wrap=True, markup=False)  # what a command answers: tables a user may redirect to a file
+
+
+def warn(text: str) -> None:
+    """A warning line on stderr, in yellow."""
+    console.print(text, style="yellow", highlight=False)
 
 
 @contextlib.contextmanager
@@ -18,7 +24,7 @@ def progress_bar(description: str, total: int):
     if total <= 0:
         yield lambda n=1: None
         return
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    columns = [TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(description, total=total)
         yield lambda n=1: progress.advance(task, n)

@@ -26,11 +26,19 @@ from whalefast.metrics import NEW_WHALE_TARGET
 from whalefast.split import oversampling_splitter
 
 
+def check_prepared(prepared: str | os.PathLike) -> Path:
+    """`prepared` if a prepare finished writing it, else a one-line error saying to run prepare (again)."""
+    prepared = Path(prepared)
+    if not (prepared / "split.csv").is_file():
+        raise WhalefastError(f"{prepared / 'split.csv'}: not found; run `whalefast prepare` first")
+    if not (prepared / "prepare.json").is_file():
+        raise WhalefastError(f"{prepared}: a prepare that did not finish left it (no prepare.json); run `whalefast prepare` again")
+    return prepared
+
+
 def load_split(prepared: str | os.PathLike) -> pd.DataFrame:
     """prepare's split.csv, or a one-line error telling to run prepare."""
-    path = Path(prepared) / "split.csv"
-    if not path.is_file():
-        raise WhalefastError(f"{path}: not found; run `whalefast prepare` first")
+    path = check_prepared(prepared) / "split.csv"
     split = pd.read_csv(path, dtype={"Image": str, "Id": str, "target": str}, keep_default_na=False)
     missing = {"Image", "Id", "is_valid", "target"} - set(split.columns)
     if missing:
@@ -229,6 +237,11 @@ def whale_dataloaders(
         pin_memory=cuda,
         device=device,
     )
+    if len(dls.train) == 0:
+        raise WhalefastError(
+            f"--bs {bs} is more than the {len(dls.train.dataset)} training items (photos and their oversampled repeats): "
+            "no training step would run; use a smaller --bs"
+        )
     if seed is not None:
         for dl in dls.loaders:
             dl.rng.seed(seed)

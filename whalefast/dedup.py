@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import imagehash
@@ -14,6 +13,7 @@ from PIL import Image
 
 from whalefast import NEW_WHALE
 from whalefast.io import to_rgb
+from whalefast.parallel import process_pool
 
 HASH_COLUMNS = ["Image", "Folder", "hash", "width", "height", "mode", "bytes", "mtime_ns", "problem"]
 
@@ -38,9 +38,7 @@ def _hash_chunk(paths: list[str]) -> list[tuple]:
     return [hash_one(p) for p in paths]
 
 
-def hash_images(
-    folder: str | os.PathLike, names: list[str], cache: pd.DataFrame | None = None, workers: int | None = None, progress=None
-) -> pd.DataFrame:
+def hash_images(folder: str | os.PathLike, names: list[str], cache: pd.DataFrame | None = None, workers: int | None = None, progress=None) -> pd.DataFrame:
     """Hash `names` in `folder` on all cores, reusing rows of `cache` whose file size and mtime are unchanged."""
     folder = Path(folder)
     rows, todo = {}, []
@@ -53,6 +51,9 @@ def hash_images(
         except FileNotFoundError:
             rows[name] = (name, folder.name, "", 0, 0, "", 0, 0, "missing")
             continue
+        except OSError as e:  # a symbolic link loop, a file we may not read
+            rows[name] = (name, folder.name, "", 0, 0, "", 0, 0, f"unreadable ({e.strerror or type(e).__name__})")
+            continue
         hit = cached.get((folder.name, name))
         if hit is not None and int(hit.bytes) == size and int(hit.mtime_ns) == mtime:
             rows[name] = tuple(hit)
@@ -64,7 +65,7 @@ def hash_images(
     chunk = max(1, min(64, len(todo) // (workers * 4) + 1))
     chunks = [todo[i : i + chunk] for i in range(0, len(todo), chunk)]
     if chunks:
-        with ProcessPoolExecutor(workers) as pool:
+        with process_pool(workers) as pool:
             for part, results in zip(chunks, pool.map(_hash_chunk, [[str(folder / n) for n, _, _ in c] for c in chunks])):
                 for (name, size, mtime), (h, w, hgt, mode, problem) in zip(part, results):
                     rows[name] = (name, folder.name, h, w, hgt, mode, size, mtime, problem)
@@ -165,11 +166,15 @@ def match_test(test: pd.DataFrame, train: pd.DataFrame, max_distance: int = 0) -
     """Pairs of test and training images whose hashes lie within `max_distance`, with the training image's id."""
     i, j = hamming_pairs(hashes_to_ints(test["hash"]), hashes_to_ints(train["hash"]), max_distance)
     a, b = hashes_to_ints(test["hash"])[i], hashes_to_ints(train["hash"])[j]
-    return pd.DataFrame(
-        {
-            "Image": test["Image"].to_numpy()[i],
-            "TrainImage": train["Image"].to_numpy()[j],
-            "Id": train["Id"].to_numpy()[j],
-            "distance": np.bitwise_count(a ^ b).astype(int),
-        }
-    ).sort_values(["Image", "distance", "TrainImage"]).reset_index(drop=True)
+    return (
+        pd.DataFrame(
+            {
+                "Image": test["Image"].to_numpy()[i],
+                "TrainImage": train["Image"].to_numpy()[j],
+                "Id": train["Id"].to_numpy()[j],
+                "distance": np.bitwise_count(a ^ b).astype(int),
+            }
+        )
+        .sort_values(["Image", "distance", "TrainImage"])
+        .reset_index(drop=True)
+    )

@@ -54,5 +54,5 @@ def run_demo(data: str | os.PathLike = "data/demo", models_dir: str | os.PathLik
     )
     print(f"validation MAP@5: {fitted['valid_map5']:.4f}")
     print(f"test MAP@5: {scores['map5']:.4f}")
-    console.print(f"review its matches in a browser: [bold]whalefast serve --model {name}[/bold]" + (f" --models-dir {models_dir}" if str(models_dir) != "models" else ""))
+    console.print(f"review its matches in a browser: whalefast serve --model {name}" + (f" --models-dir {models_dir}" if str(models_dir) != "models" else ""))
     return {"box_iou": boxes["iou_mean"], "valid_map5": fitted["valid_map5"], "test": scores, "run_dir": str(models_dir / name)}

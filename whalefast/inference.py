@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from fastai.vision.core import imagenet_stats
 from torch import nn
 
-from whalefast.console import console
+from whalefast.console import warn
 from whalefast.errors import WhalefastError
 from whalefast.io import load_image, load_saved
 from whalefast.train import FitConfig, load_config
@@ -96,7 +96,7 @@ class PhotoLoader:
                 box = self.box(path)
             elif self.cfg.crop and not self.warned:
                 self.warned = True
-                console.print("[yellow]this model was trained on fluke crops from a boxes file and has no box model; new photos are used whole[/yellow]")
+                warn("this model was trained on fluke crops from a boxes file and has no box model; new photos are used whole")
             return load_image(path, self.cfg.size, box, grey=self.cfg.grey), ""
         except WhalefastError:
             raise
@@ -126,15 +126,31 @@ class Scorer:
         """The network's outputs (logits or embeddings) for (height, width, 3) uint8 arrays; `tta` only where the run trained on mirror images."""
         return run_model(self.model, arrays, bs=self.cfg.bs, tta=tta and self.cfg.flip_tta, device=self.device, progress=progress)
 
+    def set_catalogue(self, catalogue: dict) -> None:
+        """Score against `catalogue` from now on (the review app's grown one)."""
+        self.catalogue, self.ids = catalogue, list(catalogue["ids"])
+
     def scores(self, arrays, tta: bool = True, progress=None) -> torch.Tensor:
         """(N, number of ids) scores for (height, width, 3) uint8 arrays."""
-        outputs = self.outputs(arrays, tta, progress)
+        return self.id_scores(self.outputs(arrays, tta, progress))
+
+    def id_scores(self, outputs: torch.Tensor) -> torch.Tensor:
+        """(N, number of ids) scores for the network's outputs: softmax probabilities, or cosine to each id's nearest catalogue photo."""
         if self.catalogue is None:
             return softmax_scores(outputs).cpu()
         from whalefast.methods import cosine_id_scores
 
         cat = self.catalogue
-        return cosine_id_scores(outputs, cat["embeddings"].to(self.device), cat["labels"].to(self.device), len(self.ids)).cpu()
+        return cosine_id_scores(outputs.to(self.device), cat["embeddings"].to(self.device), cat["labels"].to(self.device), len(self.ids)).cpu()
+
+    def scores_and_similarities(self, outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """For one photo's output: (scores per id, cosine to each catalogue photo, or None without a catalogue)."""
+        scores = self.id_scores(outputs)[0]
+        if self.catalogue is None:
+            return scores, None
+        from whalefast.methods import photo_similarities
+
+        return scores, photo_similarities(outputs, self.catalogue["embeddings"])[0].cpu()
 
     def rank(self, scores: torch.Tensor, k: int = 5) -> list[list[tuple[str, float]]]:
         """Per photo, the k best (id, score) with new_whale placed by the calibrated threshold."""
@@ -145,7 +161,5 @@ class Scorer:
         ranked = rank_with_new_whale(scores, threshold, k)
         out = []
         for row, idx in zip(scores, ranked.tolist()):
-            out.append(
-                [(NEW_WHALE, float(threshold)) if i == NEW_WHALE_TARGET else (self.ids[i], float(row[i])) for i in idx]
-            )
+            out.append([(NEW_WHALE, float(threshold)) if i == NEW_WHALE_TARGET else (self.ids[i], float(row[i])) for i in idx])
         return out

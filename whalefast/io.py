@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
+import io
 import json
 import math
 import os
@@ -16,35 +19,153 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-from whalefast.errors import WhalefastError
+from whalefast.errors import StorageError, WhalefastError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
-_ID_PATTERN = re.compile(r"^\S+$")
+# A whale id: letters, digits, '_', '.' and '-', not starting with '.' or '-'. Nothing a spreadsheet
+# reads as a formula, and nothing a shell, a URL or rich's markup treats specially.
+ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+ID_RULE = "letters, digits, '_', '.' and '-', starting with a letter, digit or '_'"
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+_TEMP = re.compile(r"^\..+\.(\d+)-[0-9a-f]{8}\.tmp$")
+
+
+def is_valid_id(text: str) -> bool:
+    """Whether `text` is a whale id whalefast accepts (see ID_RULE)."""
+    return bool(ID_PATTERN.fullmatch(text))
+
+
+def os_error_text(e: OSError, path: str | os.PathLike | None = None) -> str:
+    """An OSError as one line naming its file: '...: no space left on device'."""
+    where = path if path is not None else e.filename
+    if e.errno in FULL_DISK:
+        return f"{where}: no space left on device; free some space and run it again (what was there before is unchanged)"
+    if e.errno in NOT_WRITABLE:
+        return f"{where}: cannot write here ({os.strerror(e.errno).lower()})"
+    return f"{where}: {e.strerror or type(e).__name__}"
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # some file systems cannot sync a folder
+            raise
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
+
+    The new file is flushed to disk before the rename, so a crash or power cut leaves either the old
+    file or the new one. A full disk or an unwritable folder is a one-line error naming `path`.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    while True:  # not mkstemp: its files are 0600, and outputs must honour the user's umask like any new file
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            break
-        except FileExistsError:
-            continue
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:  # not mkstemp: its files are 0600, and outputs must honour the user's umask like any new file
+            tmp = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+            try:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                break
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise StorageError(os_error_text(e, path.parent)) from None
     try:
         yield tmp
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent, directory=True)
+    except OSError as e:
+        if e.errno in FULL_DISK + NOT_WRITABLE:
+            raise StorageError(os_error_text(e, path)) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def write_csv(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write `df` to `path` atomically."""
+def reserve_space(path: str | os.PathLike, nbytes: int) -> None:
+    """Grow the file at `path` to `nbytes` with its disk blocks allocated now.
+
+    A memory map over a sparse file meets a full disk as SIGBUS in the middle of writing; reserved
+    blocks make it an OSError (ENOSPC) here, which atomic_path turns into one line.
+    """
+    fd = os.open(path, os.O_RDWR)
+    try:
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            os.ftruncate(fd, nbytes)  # a file system without fallocate
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> int:
+    """Delete the temporary files that killed whalefast processes left in `folder`; how many went."""
+    removed = 0
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    for tmp in folder.iterdir():
+        match = _TEMP.match(tmp.name)
+        if not match or _alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def spreadsheet_safe(value):
+    """A cell as a spreadsheet shows it and never runs it: text starting with = + - @ tab, CR or ' gets a leading '.
+
+    OWASP's rule for CSV injection; the ' also marks text that started with one, so `from_spreadsheet_safe`
+    gives back exactly what was written.
+    """
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r", "'"):
+        return "'" + value
+    return value
+
+
+def from_spreadsheet_safe(value):
+    """What `spreadsheet_safe` was given."""
+    return value[1:] if isinstance(value, str) and value[:1] == "'" else value
+
+
+def safe_csv_text(df: pd.DataFrame, columns=None) -> str:
+    """`df` as CSV text with the text cells of `columns` (default: all) neutralised by `spreadsheet_safe`."""
+    columns = list(df.columns) if columns is None else [c for c in columns if c in df.columns]
+    return df.assign(**{c: df[c].map(spreadsheet_safe) for c in columns}).to_csv(index=False)
+
+
+def write_csv(df: pd.DataFrame, path: str | os.PathLike, user_text=()) -> Path:
+    """Write `df` to `path` atomically; cells of the `user_text` columns (what a person typed) can never run as a spreadsheet formula."""
     with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
+        tmp.write_text(safe_csv_text(df, user_text)) if user_text else df.to_csv(tmp, index=False)
+    return Path(path)
+
+
+def write_bytes(data: bytes, path: str | os.PathLike) -> Path:
+    """Write `data` to `path` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
     return Path(path)
 
 
@@ -53,6 +174,28 @@ def write_text(text: str, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def save_torch(obj, path: str | os.PathLike) -> Path:
+    """torch.save `obj` (tensors, lists, numbers and strings) to `path` atomically.
+
+    Serialised in memory first: torch's own file writer reports a full disk as a cryptic
+    'unexpected pos' RuntimeError, a plain write as the OSError it is.
+    """
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return write_bytes(buffer.getvalue(), path)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes: the identity of a photo in the catalogue, of a train.csv in a run."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def finite_or_none(obj):
@@ -102,18 +245,16 @@ def read_labels(path: str | os.PathLike, columns=("Image", "Id"), single_id: boo
     df = read_csv_file(path)
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise WhalefastError(
-            f"{path}: expected columns {','.join(columns)}, found {','.join(map(str, df.columns)) or 'none'}"
-        )
+        raise WhalefastError(f"{path}: expected columns {','.join(columns)}, found {','.join(map(str, df.columns)) or 'none'}")
     df = df[list(columns)].copy()
     for col in columns:
         df[col] = df[col].str.strip()
         empty = df.index[df[col] == ""]
         if len(empty):
             raise WhalefastError(f"{path}: empty {col} on line {empty[0] + 2}")
-    bad = df.index[~df["Id"].str.match(_ID_PATTERN)] if "Id" in columns and single_id else []
+    bad = df.index[~df["Id"].map(is_valid_id)] if "Id" in columns and single_id else []
     if len(bad):
-        raise WhalefastError(f"{path}: malformed Id {df['Id'][bad[0]]!r} on line {bad[0] + 2}")
+        raise WhalefastError(f"{path}: malformed Id {df['Id'][bad[0]]!r} on line {bad[0] + 2} (an id is {ID_RULE})")
     dup = df.index[df["Image"].duplicated()]
     if len(dup):
         raise WhalefastError(f"{path}: image {df['Image'][dup[0]]} listed twice (line {dup[0] + 2})")
@@ -144,6 +285,7 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 Size = tuple[int, int]  # (height, width) in pixels
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels of the upright photo
+MAX_SIDE = 2048  # the largest input side: the decoded-image cache holds height x width x 3 bytes per photo
 BOX_MARGIN = 0.1  # a crop keeps this share of the box's width and height on each side, so no fluke tip is cut
 
 
@@ -156,6 +298,8 @@ def parse_size(text: str | int, option: str = "--size") -> Size:
     w = int(match.group(2) or h)
     if min(h, w) < 16:
         raise WhalefastError(f"{option} must be at least 16 pixels each way, got {text!r}")
+    if max(h, w) > MAX_SIDE:
+        raise WhalefastError(f"{option} must be at most {MAX_SIDE} pixels each way, got {text!r}")
     return h, w
 
 

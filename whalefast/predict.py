@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
 from whalefast import NEW_WHALE
 from whalefast.errors import WhalefastError
 from whalefast.inference import PhotoLoader, Scorer
@@ -46,9 +45,8 @@ def predict(images: list[str | os.PathLike], run_dir: str | os.PathLike, top: in
 
 def example_photos(run_dir: str | os.PathLike) -> dict[str, Path]:
     """One known photo per id: from the catalogue of an arcface run, else from the training data."""
-    from whalefast.train import load_config
-
     from whalefast.catalogue import known_photos, load_catalogue
+    from whalefast.train import load_config
 
     cfg = load_config(run_dir)
     first: dict[str, Path] = {}

@@ -9,10 +9,10 @@ from pathlib import Path
 import pandas as pd
 
 from whalefast import NEW_WHALE
-from whalefast.console import console, progress_bar, table
+from whalefast.console import console, progress_bar, table, warn
 from whalefast.dedup import HASH_COLUMNS, dedup, hash_images, match_test
 from whalefast.errors import WhalefastError
-from whalefast.io import list_images, read_labels, write_csv, write_json
+from whalefast.io import NOT_WRITABLE, file_digest, list_images, os_error_text, read_labels, remove_stale_temps, write_csv, write_json
 from whalefast.split import make_split
 
 
@@ -43,19 +43,45 @@ def check_layout(data: Path) -> None:
             raise WhalefastError(f"{data / name}: not found (expected the Kaggle layout: train.csv, train/, test/)")
 
 
-def prepare(data: str | os.PathLike, out: str | os.PathLike | None = None, cfg: PrepareConfig = PrepareConfig(), quiet: bool = False) -> dict:
-    """Run the prepare stage on `data`, writing to `out`; returns the summary figures."""
-    data = Path(data)
-    check_layout(data)
-    out = Path(out) if out else default_out(data)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.max_distance < 0 or cfg.max_distance > 64:
+def check_prepare_config(cfg: PrepareConfig) -> None:
+    """One-line errors, each naming its option, for settings that cannot work."""
+    if not 0 <= cfg.max_distance <= 64:
         raise WhalefastError(f"--max-distance must lie in 0..64, got {cfg.max_distance}")
+    if not 0 <= cfg.seed < 2**32:
+        raise WhalefastError(f"--seed must lie in 0..{2**32 - 1}, got {cfg.seed}")
     if not 0 < cfg.valid_pct < 1:
         raise WhalefastError(f"--valid-pct must lie strictly between 0 and 1, got {cfg.valid_pct}")
+    if not 0 <= cfg.unseen_pct <= 1:
+        raise WhalefastError(f"--unseen-pct must lie between 0 and 1, got {cfg.unseen_pct}")
+    if cfg.min_samples < 1:
+        raise WhalefastError(f"--min-samples must be at least 1, got {cfg.min_samples}")
+
+
+FINISHED = "prepare.json"  # written last: a prepared folder without it is the remains of a prepare that did not finish
+
+
+def prepare(data: str | os.PathLike, out: str | os.PathLike | None = None, cfg: PrepareConfig = PrepareConfig(), quiet: bool = False) -> dict:
+    """Run the prepare stage on `data`, writing to `out`; returns the summary figures.
+
+    Every input is checked before anything is written. prepare.json goes last, so a prepare that is
+    killed leaves a folder fit and submit refuse (see whalefast.data.check_prepared).
+    """
+    data = Path(data)
+    check_layout(data)
+    check_prepare_config(cfg)
     labels = read_labels(data / "train.csv")
     test_names = list_images(data / "test")
     list_images(data / "train")
+    box_source = resolve_box_source(cfg.boxes, Path(cfg.models_dir)) if cfg.boxes else None
+    out = Path(out) if out else default_out(data)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / FINISHED).unlink(missing_ok=True)  # from here until the end, the folder is not a finished one
+    except OSError as e:
+        hint = "; pass --out to prepare into a folder you can write" if e.errno in NOT_WRITABLE else ""
+        raise WhalefastError(os_error_text(e, out) + hint) from None
+    for folder in (out, out / "cache"):
+        remove_stale_temps(folder)
 
     hash_path = out / "hashes.csv"
     cached = pd.read_csv(hash_path, dtype={"hash": str, "problem": str}, keep_default_na=False) if hash_path.exists() else None
@@ -84,14 +110,15 @@ def prepare(data: str | os.PathLike, out: str | os.PathLike | None = None, cfg: 
     write_csv(split, out / "split.csv")
     settings = asdict(cfg)
     boxes_path = out / "boxes.csv"
-    if cfg.boxes:
+    if box_source:
         readable = {"train": train_h.loc[train_h.problem == ""], "test": test_ok}
-        boxes, settings["box_model"] = choose_boxes(cfg.boxes, Path(cfg.models_dir), data, readable, out / "cache")
+        boxes, settings["box_model"] = choose_boxes(box_source, data, readable, out / "cache")
         write_csv(boxes, boxes_path)
     else:
         boxes = None
         boxes_path.unlink(missing_ok=True)  # whalefast's own output from an earlier run with --boxes: no crops now
-    write_json(settings, out / "prepare.json")
+    settings["train_digest"] = file_digest(data / "train.csv")
+    write_json(settings, out / FINISHED)
 
     valid = split[split.is_valid]
     summary = {
@@ -118,23 +145,27 @@ def prepare(data: str | os.PathLike, out: str | os.PathLike | None = None, cfg: 
 
 def resolve_box_source(source: str, models_dir: Path) -> tuple[str, Path]:
     """("file", path) for a boxes CSV, ("model", folder) for a box model given as a folder or a NAME in models_dir."""
+    from whalefast.boxes import check_box_model
+
     path = Path(source)
     if path.is_file():
         return "file", path
     for folder in (path, models_dir / source):
         if (folder / "config.json").is_file():
+            check_box_model(folder)
             return "model", folder
     raise WhalefastError(f"--boxes {source}: neither a boxes CSV nor a box model folder (nor a run in {models_dir})")
 
 
-def choose_boxes(source: str, models_dir: Path, data: Path, photos: dict[str, pd.DataFrame], cache_dir: Path) -> tuple[pd.DataFrame, str | None]:
+def choose_boxes(source: tuple[str, Path], data: Path, photos: dict[str, pd.DataFrame], cache_dir: Path) -> tuple[pd.DataFrame, str | None]:
     """The box of every readable photo (Image, Folder, x0, y0, x1, y1, source) and the box model used, if any.
 
-    `photos` maps a folder to its hashes (Image, width, height); a box must lie within its photo.
+    `source` is resolve_box_source's answer; `photos` maps a folder to its hashes (Image, width,
+    height); a box must lie within its photo.
     """
     from whalefast.boxes import BOX_COLUMNS, BoxModel, predict_boxes, read_boxes
 
-    kind, path = resolve_box_source(source, models_dir)
+    kind, path = source
     parts = []
     if kind == "file":
         given = read_boxes(path).set_index("Image")
@@ -191,10 +222,10 @@ def show_summary(s: dict, skipped: pd.DataFrame) -> None:
     if s["boxed"]:
         console.print(
             f"fluke crops: {s['boxed'].get('train', 0)} train and {s['boxed'].get('test', 0)} test photos have a box"
-            + (f"; [yellow]{s['unboxed']} have none and are used whole[/yellow]" if s["unboxed"] else "")
+            + (f"; {s['unboxed']} have none and are used whole" if s["unboxed"] else "")
         )
     if len(skipped):
-        console.print(f"[yellow]skipped {len(skipped)} unreadable or missing images (see skipped.csv):[/yellow]")
+        warn(f"skipped {len(skipped)} unreadable or missing images (see skipped.csv):")
         for r in skipped.head(10).itertuples(index=False):
             console.print(f"  {r.Folder}/{r.Image}: {r.problem}")
-    console.print(f"wrote results to [bold]{s['out']}[/bold]")
+    console.print(f"wrote results to {s['out']}")

@@ -3,7 +3,8 @@
 Everything lives beside the model: uploaded photos in models/NAME/review/photos/, the queue in
 review/queue.csv, every decision appended to review_log.csv. Each file is rewritten atomically, so a
 crash or restart loses no earlier decision. For an arcface run, a confirmed photo joins the
-catalogue through the same code path as `whalefast catalogue add`.
+catalogue through the same code path as `whalefast catalogue add`: the decision is logged first and
+the catalogue follows it, so after a crash between the two the next start adds what the log says.
 """
 
 from __future__ import annotations
@@ -22,14 +23,18 @@ import torch
 from PIL import Image
 
 from whalefast import NEW_WHALE
-from whalefast.errors import WhalefastError
-from whalefast.io import atomic_path, write_csv
+from whalefast.console import console
+from whalefast.errors import StorageError, WhalefastError
+from whalefast.io import ID_RULE, file_digest, from_spreadsheet_safe, is_valid_id, remove_stale_temps, safe_csv_text, write_bytes, write_csv
 
 DECISIONS = {"same": "same whale", "new": "new whale", "unsure": "not sure"}
 FINAL = ("same", "new")  # decisions that put the photo in the catalogue; later ones are refused
 LOG_COLUMNS = ["time", "query", "photo", "decision", "id", "rank", "score", "top_id", "top_score", "comment", "catalogue"]
+LOG_TEXT = ["photo", "id", "top_id", "comment"]  # what people typed or named: never a formula in a spreadsheet
 QUEUE_COLUMNS = ["query", "name", "file", "added"]
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024
+MAX_PIXELS = 64_000_000  # the largest fluke cameras give 61 MP; a 779 KB PNG can claim 178 MP and take seconds and gigabytes to decode
+MAX_COMMENT = 2000
 ALLOWED_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "TIFF": ".tif", "BMP": ".bmp", "WEBP": ".webp"}
 
 
@@ -73,8 +78,11 @@ def too_large(name: str, size: int, max_bytes: int = MAX_UPLOAD_BYTES) -> Review
     return ReviewError(f"{name}: too large ({_megabytes(size)}; the limit is {_megabytes(max_bytes)})", 413)
 
 
-def check_upload(name: str, data: bytes, max_bytes: int = MAX_UPLOAD_BYTES) -> str:
-    """The file suffix to store an uploaded photo under, or a ReviewError saying why it is refused."""
+def check_upload(name: str, data: bytes, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS) -> str:
+    """The file suffix to store an uploaded photo under, or a ReviewError saying why it is refused.
+
+    Only the header is read to size the photo up, so a photo over `max_pixels` is refused before it is decoded.
+    """
     if len(data) > max_bytes:
         raise too_large(name, len(data), max_bytes)
     if not data:
@@ -83,39 +91,49 @@ def check_upload(name: str, data: bytes, max_bytes: int = MAX_UPLOAD_BYTES) -> s
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(io.BytesIO(data)) as im:
-                fmt = im.format
+                fmt, (width, height) = im.format, im.size
                 im.verify()
     except Exception:  # noqa: BLE001 - PIL raises many types for non-images
         raise ReviewError(f"{name}: not a photo whalefast can read (JPEG, PNG, TIFF, BMP or WebP)", 415) from None
     if fmt not in ALLOWED_FORMATS:
         raise ReviewError(f"{name}: {fmt} images are not accepted (JPEG, PNG, TIFF, BMP or WebP)", 415)
+    if width * height > max_pixels:
+        raise ReviewError(f"{name}: {width}x{height} is {width * height / 1e6:.0f} megapixels; the limit is {max_pixels / 1e6:.0f}", 413)
     return ALLOWED_FORMATS[fmt]
 
 
 class Review:
-    """The review state of one trained run; safe to call from several threads (one lock guards every change)."""
+    """The review state of one trained run; safe to call from several threads (one lock guards every change).
 
-    def __init__(self, run_dir: str | os.PathLike, max_upload_bytes: int = MAX_UPLOAD_BYTES):
+    Photos are decoded and embedded outside the lock, so a large upload never holds up another reviewer's page.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS):
         from whalefast.inference import PhotoLoader, Scorer
 
         self.run_dir = Path(run_dir)
         self.scorer = Scorer(self.run_dir)
         self.cfg = self.scorer.cfg
         self.loader = PhotoLoader(self.cfg)
-        self.max_upload_bytes = max_upload_bytes
+        self.max_upload_bytes, self.max_pixels = max_upload_bytes, max_pixels
         self.folder = self.run_dir / "review"
         self.photos_dir = self.folder / "photos"
         self.queue_path = self.folder / "queue.csv"
         self.log_path = self.run_dir / "review_log.csv"
         self.lock = threading.RLock()
-        self._scored: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._outputs: dict[str, torch.Tensor] = {}  # the network's output per query: computed once
+        self._scored: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # scores against the current catalogue
         self.queue: dict[str, Query] = {}
+        for folder in (self.run_dir, self.folder, self.photos_dir):
+            remove_stale_temps(folder)
         if self.queue_path.is_file():
-            for r in pd.read_csv(self.queue_path, dtype=str, keep_default_na=False).itertuples(index=False):
+            for r in _read_csv(self.queue_path, ["name"]).itertuples(index=False):
                 if (self.photos_dir / r.file).is_file():
                     self.queue[r.query] = Query(r.query, r.name, self.photos_dir / r.file, r.added)
-        self.log = pd.read_csv(self.log_path, dtype=str, keep_default_na=False) if self.log_path.is_file() else pd.DataFrame(columns=LOG_COLUMNS)
+        self.log = _read_csv(self.log_path, LOG_TEXT) if self.log_path.is_file() else pd.DataFrame(columns=LOG_COLUMNS)
         self._load_known_photos()
+        if self.is_arcface:
+            self._catch_up_catalogue()
 
     @property
     def is_arcface(self) -> bool:
@@ -131,30 +149,43 @@ class Review:
         for index, (_, wid) in enumerate(known):
             self.photos_of.setdefault(wid, []).append(index)
 
+    def _catch_up_catalogue(self) -> None:
+        """Add to the catalogue the confirmed photos the log holds and the catalogue lacks (a crash between the two writes)."""
+        catalogued = set(self.scorer.catalogue["digests"])
+        missing = []
+        for row in self.log.itertuples(index=False):
+            query = self.queue.get(row.query)
+            if row.decision in FINAL and row.catalogue == "added" and query is not None and file_digest(query.file) not in catalogued:
+                missing.append((query.file, row.id))
+        if missing:
+            self._grow_catalogue(missing)
+            console.print(f"review: added {len(missing)} confirmed photos that the log holds and the catalogue did not (the app stopped between the two)")
+
     # The queue
 
     def add(self, name: str, data: bytes) -> Query:
         """Store an uploaded photo and queue it; the same photo uploaded again is the same query."""
-        suffix = check_upload(name, data, self.max_upload_bytes)
+        suffix = check_upload(name, data, self.max_upload_bytes, self.max_pixels)
         qid = hashlib.sha256(data).hexdigest()[:16]
         with self.lock:
             if qid in self.queue:
                 return self.queue[qid]
-            path = self.photos_dir / f"{qid}{suffix}"
-            with atomic_path(path) as tmp:
-                tmp.write_bytes(data)
-            array, problem = self.loader.load(path)
-            if problem:
-                path.unlink(missing_ok=True)
-                raise ReviewError(f"{name}: {problem}", 415)
-            self.queue[qid] = Query(qid, Path(name).name or qid, path, _now())
-            self._save_queue()
-            self._score(qid, array)
+        path = self.photos_dir / f"{qid}{suffix}"  # named by content: two uploads of one photo write the same bytes
+        write_bytes(data, path)
+        array, problem = self.loader.load(path)
+        if problem:
+            raise ReviewError(f"{name}: {problem}", 415)
+        output = self.scorer.outputs([array]).float().cpu()[0]
+        with self.lock:
+            if qid not in self.queue:
+                self.queue[qid] = Query(qid, Path(name).name or qid, path, _now())
+                self._save_queue()
+            self._outputs.setdefault(qid, output)
             return self.queue[qid]
 
     def _save_queue(self) -> None:
         rows = [(q.qid, q.name, q.file.name, q.added) for q in self.queue.values()]
-        write_csv(pd.DataFrame(rows, columns=QUEUE_COLUMNS), self.queue_path)
+        write_csv(pd.DataFrame(rows, columns=QUEUE_COLUMNS), self.queue_path, user_text=["name"])
 
     def get(self, qid: str) -> Query:
         if qid not in self.queue:
@@ -191,29 +222,27 @@ class Review:
 
     # Ranking
 
-    def _score(self, qid: str, array=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(scores per id, similarity per known photo or None) of a query, computed once."""
-        if qid not in self._scored:
-            from whalefast.methods import cosine_id_scores
+    def _output(self, qid: str) -> torch.Tensor:
+        """The network's output for a query (computed once; outside the lock, as it decodes and embeds)."""
+        if qid not in self._outputs:
+            query = self.get(qid)
+            array, problem = self.loader.load(query.file)
+            if problem:
+                raise ReviewError(f"{query.name}: {problem}", 415)
+            self._outputs.setdefault(qid, self.scorer.outputs([array]).float().cpu()[0])
+        return self._outputs[qid]
 
-            if array is None:
-                array, problem = self.loader.load(self.get(qid).file)
-                if problem:
-                    raise ReviewError(f"{self.get(qid).name}: {problem}", 415)
-            out = self.scorer.outputs([array]).float().cpu()
-            if self.is_arcface:
-                cat = self.scorer.catalogue
-                sims = torch.nn.functional.normalize(out, dim=1) @ torch.nn.functional.normalize(cat["embeddings"].float(), dim=1).T
-                scores = cosine_id_scores(out, cat["embeddings"], cat["labels"], len(cat["ids"]))
-                self._scored[qid] = (scores[0], sims[0])
-            else:
-                self._scored[qid] = (torch.softmax(out, dim=1)[0], None)
+    def _score(self, qid: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(scores per id, similarity per known photo or None) of a query against the current catalogue."""
+        if qid not in self._scored:
+            self._scored[qid] = self.scorer.scores_and_similarities(self._output(qid)[None])
         return self._scored[qid]
 
     def candidates(self, qid: str, n: int = 5) -> list[Candidate]:
         """The `n` most likely whales for a query, one per id, each with its known photos (most similar first)."""
         if n < 1:
             raise ReviewError(f"the number of candidates must be at least 1, got {n}")
+        self._output(qid)
         with self.lock:
             scores, sims = self._score(qid)
             ids = self.scorer.ids
@@ -241,11 +270,15 @@ class Review:
         """Record a decision on a query; for arcface runs a same/new decision adds the photo to the catalogue.
 
         `expected` is how many decisions the reviewer saw on the page: if another reviewer decided
-        meanwhile, the decision is refused (nothing is lost) and the page says what happened.
+        meanwhile, the decision is refused (nothing is lost) and the page says what happened. The log
+        is written before the catalogue: a crash between the two is caught up at the next start.
         """
         whale_id, comment = whale_id.strip(), comment.strip()
         if decision not in DECISIONS:
             raise ReviewError(f"unknown decision {decision!r}; choose one of {', '.join(DECISIONS)}")
+        if len(comment) > MAX_COMMENT:
+            raise ReviewError(f"the comment has {len(comment)} characters; at most {MAX_COMMENT}")
+        self._output(qid)
         with self.lock:
             query = self.get(qid)
             made = self.decisions_of(qid)
@@ -258,8 +291,8 @@ class Review:
             if decision == "same" and whale_id not in known:
                 raise ReviewError(f"{whale_id or 'no id'}: not a known whale; pick a candidate or choose 'new whale'")
             if decision == "new":
-                if not whale_id or any(c.isspace() for c in whale_id) or whale_id == NEW_WHALE:
-                    raise ReviewError("a new whale needs an id without spaces (not new_whale)")
+                if not is_valid_id(whale_id) or whale_id == NEW_WHALE:
+                    raise ReviewError(f"a new whale needs an id of {ID_RULE} (not new_whale)")
                 if whale_id in known:
                     raise ReviewError(f"{whale_id} is already a known whale; choose 'same whale' for it instead")
             if decision == "unsure":
@@ -267,9 +300,7 @@ class Review:
             ranked = self.candidates(qid, n=len(self.scorer.ids))
             rank = next((c.rank for c in ranked if c.id == whale_id), "")
             score = next((f"{c.score:.4f}" for c in ranked if c.id == whale_id), "")
-            catalogue = ""
-            if decision in FINAL and self.is_arcface:
-                catalogue = self._add_to_catalogue(query, whale_id)
+            catalogue = self._plan_catalogue(query, whale_id) if decision in FINAL and self.is_arcface else ""
             row = {
                 "time": _now(),
                 "query": qid,
@@ -283,25 +314,55 @@ class Review:
                 "comment": comment,
                 "catalogue": catalogue,
             }
-            log = pd.concat([self.log, pd.DataFrame([row], columns=LOG_COLUMNS)], ignore_index=True)
-            write_csv(log, self.log_path)
+            before = self.log
+            log = pd.concat([before, pd.DataFrame([row], columns=LOG_COLUMNS)], ignore_index=True)
+            self._save_log(log)
             self.log = log
+            if catalogue == "added":
+                try:
+                    self._grow_catalogue([(query.file, whale_id)], {str(query.file): self._outputs[qid]})
+                except BaseException:
+                    self._save_log(before)  # the decision did not happen: log and catalogue agree again
+                    self.log = before
+                    raise
             return row
 
-    def _add_to_catalogue(self, query: Query, whale_id: str) -> str:
+    def _save_log(self, log: pd.DataFrame) -> None:
+        write_csv(log, self.log_path, user_text=LOG_TEXT)
+
+    def _plan_catalogue(self, query: Query, whale_id: str) -> str:
+        """What confirming `query` as `whale_id` does to the catalogue ('added' or 'already there'); a 409 if it cannot."""
+        from whalefast.catalogue import plan_additions
+
+        try:
+            plan = plan_additions(self.scorer.catalogue, [(query.file, whale_id)], "review")
+        except WhalefastError as e:
+            raise ReviewError(str(e), 409) from None
+        if plan.relabel:
+            _, _, old, _ = plan.relabel[0]
+            raise ReviewError(f"{query.name} is already catalogued as {old}; confirm it as {old}, or relabel it with `whalefast catalogue add --relabel`", 409)
+        return "added" if plan.new else "already there"
+
+    def _grow_catalogue(self, photos: list[tuple[Path, str]], embedded: dict | None = None) -> None:
         from whalefast.catalogue import add_photos, load_catalogue
 
         try:
-            result = add_photos(self.run_dir, [(query.file, whale_id)], source="review")
-        except WhalefastError as e:  # e.g. the photo is already catalogued under another id: nothing changes
+            add_photos(self.run_dir, photos, source="review", embedded=embedded)
+        except StorageError:
+            raise
+        except WhalefastError as e:  # e.g. the photo was catalogued under another id meanwhile: nothing changes
             raise ReviewError(str(e), 409) from None
-        self.scorer.catalogue = load_catalogue(self.run_dir)
-        self.scorer.ids = list(self.scorer.catalogue["ids"])
+        self.scorer.set_catalogue(load_catalogue(self.run_dir))
         self._scored.clear()  # every score is against the grown catalogue now
         self._load_known_photos()
-        return "added" if result["added_photos"] else "already there"
 
     def export(self) -> bytes:
-        """The review log as CSV bytes."""
+        """The review log as CSV bytes, safe to open in a spreadsheet."""
         with self.lock:
-            return self.log.to_csv(index=False).encode()
+            return safe_csv_text(self.log, LOG_TEXT).encode()
+
+
+def _read_csv(path: Path, text_columns: list[str]) -> pd.DataFrame:
+    """A CSV whalefast wrote with write_csv(user_text=...), its text cells as they were typed."""
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    return df.assign(**{c: df[c].map(from_spreadsheet_safe) for c in text_columns if c in df.columns})

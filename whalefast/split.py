@@ -11,9 +11,7 @@ from whalefast.dedup import group_labels, hashes_to_ints
 SPLIT_GROUP_DISTANCE = 4  # near duplicates closer than this stay on one side of the split
 
 
-def make_split(
-    clean: pd.DataFrame, valid_pct: float = 0.2, unseen_pct: float = 0.3, seed: int = 42, max_distance: int = 0
-) -> pd.DataFrame:
+def make_split(clean: pd.DataFrame, valid_pct: float = 0.2, unseen_pct: float = 0.3, seed: int = 42, max_distance: int = 0) -> pd.DataFrame:
     """Hold out one photo per catalogued id plus some unseen whales; no near-duplicate group crosses the split.
 
     Returns Image, Id, group, is_valid and target: the label validation scores against, which is

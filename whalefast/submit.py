@@ -8,11 +8,11 @@ from pathlib import Path
 import pandas as pd
 
 from whalefast import NEW_WHALE
-from whalefast.console import console, progress_bar
-from whalefast.data import image_cache
+from whalefast.console import progress_bar, warn
+from whalefast.data import check_prepared, image_cache
 from whalefast.errors import WhalefastError
 from whalefast.inference import Scorer
-from whalefast.io import list_images, read_labels, write_csv
+from whalefast.io import file_digest, list_images, read_labels, write_csv
 
 
 def test_images(data: Path) -> list[str]:
@@ -44,19 +44,34 @@ def hash_matches(prepared: Path) -> dict[str, list[str]]:
     return out
 
 
+def check_same_data(cfg, run_dir: Path, data: Path) -> None:
+    """A one-line error if the run learnt from another dataset than `data` (its ids would mix with this one's); a warning if train.csv merely grew."""
+    train_csv = data / "train.csv"
+    if not cfg.train_digest or file_digest(train_csv) == cfg.train_digest:
+        return
+    ids = set(read_labels(train_csv).Id)
+    missing = [i for i in cfg.vocab if i not in ids]
+    if missing:
+        raise WhalefastError(
+            f"{run_dir}: trained on other data than {train_csv} ({len(missing)} of its {len(cfg.vocab)} ids, e.g. {missing[0]}, are not in it); "
+            f"submit with the data it was trained on (--data {cfg.data})"
+        )
+    warn(f"{train_csv} changed after {run_dir.name} was trained (every id it knows is still there); new ids are unknown to it until you fit again")
+
+
 def apply_matches(ranked: list[str], matched: list[str], k: int = 5) -> list[str]:
     """Put the ids of hash-matched training photos first, then the model's ranking, each id once."""
     return list(dict.fromkeys(matched + ranked))[:k]
 
 
-def submit(
-    data: str | os.PathLike, run_dir: str | os.PathLike, out: str | os.PathLike = "submission.csv", tta: bool = True, prepared=None
-) -> dict:
+def submit(data: str | os.PathLike, run_dir: str | os.PathLike, out: str | os.PathLike = "submission.csv", tta: bool = True, prepared=None) -> dict:
     """Predict every test photo and write `out` (Image,Id with five ids) atomically; returns a summary."""
     data = Path(data)
     prepared = Path(prepared) if prepared else data / "prepared"
     names = test_images(data)
+    check_prepared(prepared)
     scorer = Scorer(run_dir)
+    check_same_data(scorer.cfg, Path(run_dir), data)
     images = image_cache(data, prepared, "test", names, scorer.cfg.size, crop=scorer.cfg.crop, grey=scorer.cfg.grey)
     unreadable = [n for n in names if n in images.problems]
     readable = [n for n in names if n not in images.problems]
@@ -82,5 +97,5 @@ def submit(
         "mean_top1_score": float(sum(top_scores) / len(top_scores)),
     }
     if unreadable:
-        console.print(f"[yellow]{len(unreadable)} unreadable test images got a fallback ranking, e.g. {unreadable[0]}[/yellow]")
+        warn(f"{len(unreadable)} unreadable test images got a fallback ranking, e.g. {unreadable[0]}")
     return summary

@@ -6,7 +6,6 @@ import io
 import math
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from whalefast import NEW_WHALE
 from whalefast.console import progress_bar
 from whalefast.errors import WhalefastError
 from whalefast.io import write_csv
+from whalefast.parallel import process_pool
 
 TEMPLATE_W, TEMPLATE_H = 512, 256
 NEW_WHALE_TRAIN_SHARE = 0.08
@@ -56,7 +56,7 @@ def photos_per_id(n_ids: int, n_images: int, rng: np.random.Generator) -> np.nda
     lo, hi = 0.0, 6.0
     for _ in range(60):  # bisection on the exponent so that the expected count matches the mean
         a = (lo + hi) / 2
-        p = k ** -a
+        p = k**-a
         p /= p.sum()
         if (p * k).sum() > target_mean:
             lo = a
@@ -297,7 +297,7 @@ def plan_dataset(cfg: SynthConfig) -> dict:
 
     duplicates = []  # (copy name, original name, label, kind seed)
     originals = rng.choice(len(train), size=n_dup, replace=True)
-    for i, orig in enumerate(originals):
+    for orig in originals:
         photo, label = train[orig]
         roll = rng.random()
         if label != NEW_WHALE and roll < 0.15:
@@ -358,7 +358,7 @@ def generate(out: str | os.PathLike, cfg: SynthConfig = SynthConfig(), workers: 
         by_individual.setdefault((photo.individual % (workers * 4), split), []).append(photo)
     chunks = [(cfg.seed, photos, str(staging / split)) for (_, split), photos in sorted(by_individual.items())]
     boxes: dict[str, tuple] = {}
-    with ProcessPoolExecutor(workers) as pool, progress_bar("rendering photos", len(jobs)) as advance:
+    with process_pool(workers) as pool, progress_bar("rendering photos", len(jobs)) as advance:
         for done in pool.map(_render_chunk, chunks):
             boxes.update(done)
             advance(len(done))

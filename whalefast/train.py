@@ -13,12 +13,12 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
+import fastai.callback.channelslast  # noqa: F401 - adds Learner.to_channelslast
+import fastai.callback.schedule  # noqa: F401 - adds Learner.fit_one_cycle and Learner.lr_find
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-import fastai.callback.channelslast  # noqa: F401 - adds Learner.to_channelslast
-import fastai.callback.schedule  # noqa: F401 - adds Learner.fit_one_cycle and Learner.lr_find
 from fastai.callback.core import Callback
 from fastai.learner import Learner
 from fastai.optimizer import SGD, Adam
@@ -31,9 +31,10 @@ from whalefast.console import console, results
 from whalefast.data import AUGMENTS, whale_dataloaders
 from whalefast.distributed import barrier, rank0_first
 from whalefast.errors import WhalefastError
-from whalefast.io import as_scales, as_size, atomic_path, load_saved, size_text, write_csv, write_json
+from whalefast.io import MAX_SIDE, as_scales, as_size, atomic_path, file_digest, load_saved, save_torch, size_text, write_csv, write_json
 from whalefast.metrics import NEW_WHALE_TARGET, calibrate_threshold, map5, rank_with_new_whale
 from whalefast.models import build_learner, freeze_stages, get_arch, stage_count
+from whalefast.run_status import check_finished, mark_finished, status_path, training_status
 from whalefast.schedule import StepSchedule, body_and_head
 
 
@@ -80,6 +81,7 @@ class FitConfig:
     crop: bool = False  # trained on fluke crops (prepare --boxes)
     box_model: str | None = None  # the box model that crops new photos, when prepare used one
     vocab: list[str] = field(default_factory=list)
+    train_digest: str | None = None  # SHA-256 of the train.csv it learnt from: submit refuses other data
 
     def __post_init__(self):
         self.size = as_size(self.size)
@@ -114,16 +116,34 @@ def check_run_dir(run_dir: str | os.PathLike) -> Path:
     return run_dir
 
 
-def load_config(run_dir: str | os.PathLike) -> FitConfig:
-    """The FitConfig saved in `run_dir`."""
-    path = check_run_dir(run_dir) / "config.json"
+def load_config(run_dir: str | os.PathLike, finished: bool = True) -> FitConfig:
+    """The FitConfig saved in `run_dir`; with `finished`, a one-line error unless its fit finished."""
+    run_dir = check_run_dir(run_dir)
+    path = run_dir / "config.json"
     if not path.is_file():
-        raise WhalefastError(f"{path}: not found; is {Path(run_dir).name} a trained model?")
-    raw = json.loads(path.read_text())
+        raise WhalefastError(f"{run_dir}: {unfinished_text(run_dir)}")
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError:
+        raise WhalefastError(f"{path}: not a whalefast run configuration, or damaged") from None
     if raw.get("kind", "whales") != "whales":
         raise WhalefastError(f"{run_dir}: a {raw['kind']} model, not a whale model")
+    if finished:
+        check_finished(run_dir, "calibration.json", unfinished_text(run_dir))
     known = FitConfig.__dataclass_fields__
     return FitConfig(**{k: v for k, v in raw.items() if k in known})
+
+
+def unfinished_text(run_dir: Path) -> str:
+    """What an unfinished run folder holds and what to do about it, for an error message."""
+    resumable = (run_dir / "config.json").is_file() and ((run_dir / "last.pth").is_file() or any(run_dir.glob("members/*/last.pth")))
+    done = ""
+    if (run_dir / "history.csv").is_file():
+        with contextlib.suppress(Exception):
+            done = f" after {len(pd.read_csv(run_dir / 'history.csv').epoch.unique())} epochs"
+    if resumable:
+        return f"its fit stopped{done} and did not finish; continue it with `whalefast fit --name {run_dir.name} --models-dir {run_dir.parent} --resume`"
+    return f"a fit that stopped{done} left no weights to resume; fit it again"
 
 
 def is_main_process() -> bool:
@@ -224,18 +244,48 @@ class History(Callback):
         return len(self.recorder.log) > 2
 
 
-class Checkpoints(Callback):
-    """Keep the weights of the epoch with the best validation loss and, every epoch, the state to resume from.
+class StartRunFolder(Callback):
+    """When the first epoch ends, mark the run folder as training (status.json) and write its config files.
 
-    The run folder and its config files (`configs`: path -> config, e.g. config.json, and an ensemble's
-    own) are written with the first weights, so a run that fails before its first epoch ends leaves
-    nothing behind (and an earlier run of the same name stays whole).
+    `files` maps a path to its JSON content, written in order (an ensemble's own status and config
+    first). Until then nothing is written, so a run that fails before its first epoch ends leaves
+    nothing behind, and an earlier run of the same name stays whole; from then on the folder says it
+    holds a run in training until `finish` marks it finished.
     """
+
+    order = 60  # after the Recorder has logged the epoch, before History and Checkpoints write into the folder
+
+    def __init__(self, files: dict):
+        self.files = dict(files)
+
+    def before_epoch(self):
+        self.skipped = False
+
+    def after_cancel_epoch(self):
+        self.skipped = True
+
+    def after_epoch(self):
+        if self.skipped:
+            return
+        if is_main_process():
+            for path, content in self.files.items():
+                write_json(content, path)
+        self.files = {}
+
+
+def run_files(cfg_or_run_dir, config: dict) -> dict:
+    """The files StartRunFolder writes for a new run: status.json (training), then config.json."""
+    run_dir = Path(cfg_or_run_dir)
+    return {status_path(run_dir): training_status(), run_dir / "config.json": config}
+
+
+class Checkpoints(Callback):
+    """Keep the weights of the epoch with the best validation loss and, every epoch, the state to resume from."""
 
     order = 66
 
-    def __init__(self, run_dir: Path, configs: dict | None = None, best_loss: float = float("inf"), best_epoch: int = -1, resumable: bool = True):
-        self.run_dir, self.configs, self.best_loss, self.best_epoch, self.resumable = Path(run_dir), dict(configs or {}), best_loss, best_epoch, resumable
+    def __init__(self, run_dir: Path, best_loss: float = float("inf"), best_epoch: int = -1, resumable: bool = True):
+        self.run_dir, self.best_loss, self.best_epoch, self.resumable = Path(run_dir), best_loss, best_epoch, resumable
 
     def before_epoch(self):
         self.skipped = False
@@ -248,14 +298,10 @@ class Checkpoints(Callback):
             return
         valid_loss = float(self.recorder.log[2]) if len(self.recorder.log) > 2 else float("inf")
         main = is_main_process()
-        if main:
-            for path, config in self.configs.items():
-                write_json(config, path)
-        self.configs = {}
         if valid_loss < self.best_loss or self.best_epoch < 0:
             self.best_loss, self.best_epoch = valid_loss, self.epoch
             if main:
-                save_atomic(unwrap(self.model).state_dict(), self.run_dir / "model.pth")
+                save_torch(unwrap(self.model).state_dict(), self.run_dir / "model.pth")
                 console.print(f"better model at epoch {self.epoch}: valid_loss {valid_loss:.4f}")
         if main and self.resumable:
             state = {
@@ -266,7 +312,7 @@ class Checkpoints(Callback):
                 "best_epoch": self.best_epoch,
                 "rng": rng_state(self.dls),
             }
-            save_atomic(state, self.run_dir / "last.pth")
+            save_torch(state, self.run_dir / "last.pth")
 
 
 def optimizer_state(opt) -> dict:
@@ -333,12 +379,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The model inside DistributedDataParallel or torch.compile wrappers."""
     model = getattr(model, "module", model)
     return getattr(model, "_orig_mod", model)
-
-
-def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename over `path`."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
 
 
 def plot_curves(history: pd.DataFrame, path: Path) -> None:
@@ -421,6 +461,10 @@ def _dataloaders(cfg: FitConfig):
     )
 
 
+# Upper bounds that keep a typo from asking for terabytes: an embedding of 100 million numbers, a thousand networks.
+LIMITS = {"embed_dim": 8192, "sub_centers": 64, "members": 64, "epochs": 10_000, "bs": 65_536}
+
+
 def check_config(cfg: FitConfig) -> None:
     """One-line errors, each naming its option, for settings that cannot work."""
     get_arch(cfg.arch)
@@ -444,10 +488,22 @@ def check_config(cfg: FitConfig) -> None:
             raise WhalefastError(f"--{option} must be a number of at least 0, got {value}")
     if cfg.parts < 0 or cfg.parts == 1:
         raise WhalefastError(f"--parts must be 0 (the whole photo only) or at least 2, got {cfg.parts}")
+    cells = tuple(math.ceil(side / get_arch(cfg.arch).stride) for side in cfg.size)
+    if cfg.parts > min(cells):
+        raise WhalefastError(
+            f"--parts must be at most {min(cells)} at --size {size_text(cfg.size)}: {cfg.arch}'s feature map is {cells[0]}x{cells[1]} cells, got {cfg.parts}"
+        )
+    if not 0 <= cfg.seed < 2**32:
+        raise WhalefastError(f"--seed must lie in 0..{2**32 - 1}, got {cfg.seed}")
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        raise WhalefastError(f"--num-workers must be 0 or more, got {cfg.num_workers}")
+    for option, most in LIMITS.items():
+        if getattr(cfg, option) > most:
+            raise WhalefastError(f"--{option.replace('_', '-')} must be at most {most}, got {getattr(cfg, option)}")
     if cfg.frozen_stages and cfg.frozen_stages > (most := stage_count(cfg.arch)):
         raise WhalefastError(f"--frozen-stages must be at most {most} for {cfg.arch}, got {cfg.frozen_stages}")
-    if min(cfg.size) < 16:
-        raise WhalefastError(f"--size must be at least 16 pixels each way, got {size_text(cfg.size)}")
+    if min(cfg.size) < 16 or max(cfg.size) > MAX_SIDE:
+        raise WhalefastError(f"--size must be 16 to {MAX_SIDE} pixels each way, got {size_text(cfg.size)}")
     if any(m < 1 for m in cfg.milestones):
         raise WhalefastError(f"--milestones must be epoch numbers of at least 1, got {','.join(map(str, cfg.milestones))}")
     for option in ("freeze_epochs", "frozen_stages"):
@@ -491,7 +547,7 @@ def fit(cfg: FitConfig, resume: bool = False, distributed: bool = False) -> dict
     ensemble (see `fit_ensemble`).
     """
     if resume:
-        saved = load_config(cfg.run_dir)
+        saved = load_config(cfg.run_dir, finished=False)
         cfg = replace(saved, num_workers=cfg.num_workers, name=cfg.name, models_dir=cfg.models_dir)  # where it is now, if moved
         if cfg.members == 1 and not (cfg.run_dir / "last.pth").is_file():
             raise WhalefastError(f"{cfg.run_dir / 'last.pth'}: nothing to resume")
@@ -512,12 +568,13 @@ def fit(cfg: FitConfig, resume: bool = False, distributed: bool = False) -> dict
 def train_network(cfg: FitConfig, resume: bool = False, distributed: bool = False, more_configs: dict | None = None) -> tuple[Learner, int, float]:
     """Train one network as `cfg` says, checkpointing to its run folder; (learner with the best weights, best epoch, its valid loss).
 
-    `more_configs` (path -> config) are written with the first weights too (an ensemble's own config.json).
+    `more_configs` (path -> JSON content) are written first when the first epoch ends (an ensemble's own status and config).
     """
     set_seed(cfg.seed, reproducible=True)
     dls = rank0_first(_dataloaders, cfg)  # rank 0 builds the decoded-image cache, the others then read it
     cfg.vocab = list(dls.vocab)
     cfg.crop, cfg.box_model = dls.crop, dls.box_model
+    cfg.train_digest = file_digest(Path(cfg.data) / "train.csv")
     run_dir = cfg.run_dir
     learn = make_learner(cfg, dls)
 
@@ -540,16 +597,22 @@ def train_network(cfg: FitConfig, resume: bool = False, distributed: bool = Fals
             set_rng_state(learn.dls, state["rng"])
 
     history = History(run_dir, previous)
-    configs = {} if resume else {run_dir / "config.json": asdict(cfg)}
-    checkpoints = Checkpoints(run_dir, {**configs, **(more_configs or {})}, *best)
-    cbs = [StopOnNonFiniteLoss(cfg.lr), history, checkpoints]
+    files = {} if resume else {**(more_configs or {}), **run_files(run_dir, asdict(cfg))}
+    checkpoints = Checkpoints(run_dir, *best)
+    cbs = [StopOnNonFiniteLoss(cfg.lr), StartRunFolder(files), history, checkpoints]
     if start_epoch < cfg.epochs:
         # SyncBatchNorm runs on GPUs only; on CPUs each process keeps its own batch statistics.
         cuda = torch.cuda.is_available()
         context = learn.distrib_ctx(sync_bn=cuda, cpu=not cuda) if distributed else contextlib.nullcontext()
         with context:
             if cfg.schedule == "step":
-                learn.fit(cfg.epochs, lr=cfg.lr, cbs=[StepSchedule(cfg.lr, cfg.milestones, cfg.gamma, cfg.head_lr_mult)] + cbs, reset_opt=False, start_epoch=start_epoch)
+                learn.fit(
+                    cfg.epochs,
+                    lr=cfg.lr,
+                    cbs=[StepSchedule(cfg.lr, cfg.milestones, cfg.gamma, cfg.head_lr_mult)] + cbs,
+                    reset_opt=False,
+                    start_epoch=start_epoch,
+                )
             else:
                 learn.fit_one_cycle(cfg.epochs, lr_max=body_and_head(cfg.lr, cfg.head_lr_mult), cbs=cbs, start_epoch=start_epoch)
         if distributed:
@@ -572,19 +635,20 @@ def fit_ensemble(cfg: FitConfig, resume: bool = False) -> dict:
     for i in range(cfg.members):
         member = member_config(cfg, i)
         console.print(f"member {i + 1} of {cfg.members} (seed {member.seed})")
-        own = {cfg.run_dir / "config.json": asdict(cfg)} if i == 0 and not resume else None
+        own = run_files(cfg.run_dir, asdict(cfg)) if i == 0 and not resume else None
         learn, best_epoch, best_loss = train_network(member, resume and is_member_resumable(member), more_configs=own)
+        mark_finished(member.run_dir)
         networks.append(unwrap(learn.model))
         best_epochs.append(best_epoch)
         losses.append(best_loss)
         dls = learn.dls
-        cfg.vocab, cfg.crop, cfg.box_model = member.vocab, member.crop, member.box_model
+        cfg.vocab, cfg.crop, cfg.box_model, cfg.train_digest = member.vocab, member.crop, member.box_model, member.train_digest
     model = Ensemble(networks, cfg.method)  # one process only: fit refuses --members with --distributed
     history = pd.concat([pd.read_csv(member_config(cfg, i).run_dir / "history.csv").assign(member=i) for i in range(cfg.members)])
     write_csv(history, cfg.run_dir / "history.csv")
     plot_curves(history, cfg.run_dir / "curves.png")
     write_json(asdict(cfg), cfg.run_dir / "config.json")
-    save_atomic(model.state_dict(), cfg.run_dir / "model.pth")
+    save_torch(model.state_dict(), cfg.run_dir / "model.pth")
     return finish(cfg, model, dls, best_epochs, sum(losses) / len(losses))
 
 
@@ -593,11 +657,11 @@ def is_member_resumable(member: FitConfig) -> bool:
     if not (member.run_dir / "last.pth").is_file():
         return False
     try:
-        saved = load_config(member.run_dir)
+        saved = load_config(member.run_dir, finished=False)
     except WhalefastError:
         return False
     # Filled in by training, free to change on resume, spelt another way, or used only after the members are trained.
-    learnt = {"vocab", "crop", "box_model", "num_workers", "models_dir", "tta_scales"}
+    learnt = {"vocab", "crop", "box_model", "train_digest", "num_workers", "models_dir", "tta_scales"}
     return all(getattr(saved, k) == getattr(member, k) for k in FitConfig.__dataclass_fields__ if k not in learnt)
 
 
@@ -624,6 +688,7 @@ def finish(cfg: FitConfig, model: nn.Module, dls, best_epoch: int | list[int], v
 
             save_catalogue(final_catalogue(cfg, known), catalogue_path(cfg.run_dir))
         write_json(calibration, cfg.run_dir / "calibration.json")
+        mark_finished(cfg.run_dir)
         epochs = f"best epochs {', '.join(map(str, best_epoch))}" if isinstance(best_epoch, list) else f"best epoch {best_epoch}"
         results.print(
             f"{epochs} (valid loss {valid_loss:.4f}); validation MAP@5 {score:.4f}, top-1 {top1:.4f}, "
