@@ -20,8 +20,8 @@ CHILD = """
 import json, resource, sys, time
 import torch
 from torch import nn
-from whalefast.allocator import reuse_freed_memory
-from whalefast.models import build_model, freeze_stages
+from whalefast.core.allocator import reuse_freed_memory
+from whalefast.nets.registry import build_model, freeze_stages
 
 reuse, steps, h, w, bs = sys.argv[1] == "reuse", int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 applied = reuse_freed_memory() if reuse else False

@@ -11,14 +11,12 @@ all of them alike.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from interleaved import median_rates
+from interleaved import median_rates, timing_arguments, training_step
 from torch import nn
 
-from whalefast.io import as_size
-from whalefast.models import build_model, freeze_stages, get_arch
+from whalefast.core.images import as_size
+from whalefast.nets.registry import build_model, freeze_stages, get_arch
 
 SETTINGS = [
     # (arch, frozen stages, channels last)
@@ -38,24 +36,11 @@ def make_step(arch: str, frozen: int, channels_last: bool, x: torch.Tensor):
     freeze_stages(model, frozen)
     if channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    model.train()
-
-    def step():
-        opt.zero_grad()
-        model(x).pow(2).mean().backward()
-        opt.step()
-
-    return step
+    return training_step(model, lambda out: out.pow(2).mean(), x)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="112x224", help="HEIGHTxWIDTH (the flukes recipe's)")
-    parser.add_argument("--bs", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=4, help="timed batches per setting and round")
-    parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    args = timing_arguments(__doc__.splitlines()[0]).parse_args()
     h, w = as_size(args.size)
     torch.manual_seed(0)
     x = torch.randn(args.bs, 3, h, w)

@@ -10,14 +10,13 @@ each is reported, so a slow moment of the machine hits all of them alike.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from interleaved import median_rates
+from interleaved import median_rates, timing_arguments, training_step
 
-from whalefast.io import as_size
-from whalefast.methods import ArcFaceCriterion, EmbeddingHead
-from whalefast.models import build_model, get_arch
+from whalefast.core.images import as_size
+from whalefast.nets.heads import EmbeddingHead
+from whalefast.nets.losses import ArcFaceCriterion
+from whalefast.nets.registry import build_model, get_arch
 
 ARCH = "efficientnet-lite0"
 
@@ -27,27 +26,14 @@ def make_step(parts: int, x: torch.Tensor, ids: int):
     head = EmbeddingHead(get_arch(ARCH).features, 512, ids, margin=0.4, scale=30.0, parts=parts)
     model = build_model(ARCH, ids, head=head).to(memory_format=torch.channels_last)
     loss = ArcFaceCriterion(head)
-    x = x.contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, ids, (len(x),), generator=torch.Generator().manual_seed(0))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    model.train()
-
-    def step():
-        opt.zero_grad()
-        loss(model(x), target).backward()
-        opt.step()
-
-    return step
+    return training_step(model, lambda out: loss(out, target), x.contiguous(memory_format=torch.channels_last))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="112x224", help="HEIGHTxWIDTH (the flukes recipe's)")
-    parser.add_argument("--bs", type=int, default=32)
+    parser = timing_arguments(__doc__.splitlines()[0])
     parser.add_argument("--ids", type=int, default=1305, help="ArcFace classes (the real flukes' training ids)")
     parser.add_argument("--parts", default="0,2", help="comma-separated --parts values to compare; the first is the baseline")
-    parser.add_argument("--steps", type=int, default=4, help="timed batches per setting and round")
-    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     h, w = as_size(args.size)
     torch.manual_seed(0)

@@ -21,15 +21,17 @@ from pathlib import Path
 
 import pandas as pd
 
-from whalefast.boxes import BoxConfig, fit_boxes, write_training_boxes
-from whalefast.evaluate import evaluate
-from whalefast.io import size_text
-from whalefast.prepare import PrepareConfig, prepare
-from whalefast.recipes import recipe
-from whalefast.submit import submit
-from whalefast.train import FitConfig, fit, option_text
+from whalefast.core.images import size_text
+from whalefast.data.boxes_csv import write_training_boxes
+from whalefast.learn.boxes import fit_boxes
+from whalefast.learn.trainer import fit
+from whalefast.runs.config import BoxConfig, FitConfig, option_text
+from whalefast.runs.recipes import recipe
+from whalefast.stages.evaluate import evaluate
+from whalefast.stages.prepare import PrepareConfig, prepare
+from whalefast.stages.submit import submit
 
-# The flukes recipe (whalefast/recipes.py) for arcface, and the same settings for a softmax classifier.
+# The flukes recipe (whalefast/runs/recipes.py) for arcface, and the same settings for a softmax classifier.
 RECIPES = {"arcface": recipe("flukes"), "softmax": {**recipe("flukes"), "method": "softmax"}}
 BOX_RECIPE = dict(size=96, epochs=4, bs=32, lr=5e-4)
 
@@ -73,8 +75,8 @@ def run(args) -> pd.DataFrame:
         for method in args.methods:
             name = f"{method}-{crop}"
             overrides = {"epochs": args.epochs, "size": args.size, "tta_scales": args.tta_scales, "parts": args.parts}
-            settings = {**RECIPES[method], **{k: v for k, v in overrides.items() if v is not None}, "members": args.members}
-            cfg = FitConfig(data=str(data), recipe="flukes", name=name, models_dir=str(models), seed=args.seed, **settings)
+            options = {"data": data, "recipe": "flukes", "method": method, "name": name, "models_dir": models, "seed": args.seed, "members": args.members}
+            cfg = FitConfig.from_options({**options, **{k: v for k, v in overrides.items() if v is not None}})
             start = time.time()
             fitted = fit(cfg)
             fit_seconds = time.time() - start

@@ -23,14 +23,17 @@ from fastai.callback.core import Callback, CancelFitException
 from fastai.callback.progress import ProgressCallback
 from PIL import Image
 
-from whalefast.data import whale_dataloaders
-from whalefast.dedup import hash_images
-from whalefast.inference import run_model
-from whalefast.models import build_model
-from whalefast.prepare import PrepareConfig, prepare
-from whalefast.split import oversampling_splitter
-from whalefast.synth import SynthConfig, generate
-from whalefast.train import FitConfig, make_learner
+from whalefast.core.spec import InputSpec
+from whalefast.data.dedup import hash_images
+from whalefast.data.prepared import image_cache
+from whalefast.data.split import oversampling_splitter
+from whalefast.data.synth import SynthConfig, generate
+from whalefast.learn.trainer import make_learner, training_data
+from whalefast.nets.forward import embed
+from whalefast.nets.registry import build_model
+from whalefast.nets.views import average_probabilities
+from whalefast.runs.config import FitConfig, resolve_input_spec
+from whalefast.stages.prepare import PrepareConfig, prepare
 
 
 class StepTimer(Callback):
@@ -73,11 +76,9 @@ def whalefast_rate(args, data: Path) -> float:
         num_workers=args.workers,
         compile=args.compile,
     )
-    dls = whale_dataloaders(data, size=cfg.size, bs=cfg.bs, min_samples=cfg.min_samples, num_workers=cfg.num_workers)
-    cfg.vocab = list(dls.vocab)
-    learn = make_learner(cfg, dls)
+    spec = resolve_input_spec(cfg)
+    learn = make_learner(cfg, spec, training_data(cfg, spec), metrics=False)  # metrics run at validation, which the timed steps never reach
     learn.remove_cbs([ProgressCallback])
-    learn.metrics = []  # metrics run at validation, which the timed steps never reach
     timer = StepTimer(args.warmup, args.steps)
     learn.fit(1000, lr=0.01, cbs=[timer])
     return args.steps * args.bs / timer.seconds
@@ -159,17 +160,16 @@ def phash_rates(data: Path) -> dict:
 
 
 def inference_rate(args, data: Path) -> float:
-    """Images/s of submit's scoring path (from the decoded cache, flip TTA)."""
-    from whalefast.data import image_cache
-
+    """Images/s of submit's scoring path (from the decoded cache, mirror TTA), through the one embed path."""
     names = sorted(p.name for p in (data / "test").iterdir())
-    images = image_cache(data, data / "prepared", "test", names, args.size)
+    spec = InputSpec(size=(args.size, args.size), mirror=True)
+    images = image_cache(data, data / "prepared", "test", names, spec)
     model = build_model(args.arch, 100).eval().to("cuda" if torch.cuda.is_available() else "cpu")
     arrays = [images[n] for n in names]
-    run_model(model, arrays[: args.bs], bs=args.bs)
+    embed(model, arrays[: args.bs], spec, average_probabilities, bs=args.bs)
     StepTimer.sync()
     start = time.perf_counter()
-    run_model(model, arrays, bs=args.bs, tta=True)
+    embed(model, arrays, spec, average_probabilities, bs=args.bs)
     StepTimer.sync()
     return len(arrays) / (time.perf_counter() - start)
 

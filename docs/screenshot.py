@@ -16,7 +16,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
-from whalefast.serve import create_app
+from whalefast.review.app import create_app
 
 
 def main():

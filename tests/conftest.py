@@ -1,4 +1,8 @@
-"""Shared fixtures: a tiny synthetic dataset and tiny trained models, made once per test session."""
+"""Shared fixtures: a tiny synthetic dataset and tiny trained models, made once per test session.
+
+Tests that train a model, or use one of the trained fixtures, are marked `slow`; browser tests are
+marked `browser`. The fast loop is `python3 -m pytest -m "not slow"`.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from whalefast.metrics import map5_labels
-from whalefast.prepare import PrepareConfig, prepare
-from whalefast.synth import SynthConfig, generate
-from whalefast.train import FitConfig, fit
+from whalefast.core.ranking import map5_labels
+from whalefast.data.synth import SynthConfig, generate
+from whalefast.learn.trainer import fit
+from whalefast.runs.config import FitConfig
+from whalefast.runs.folder import Run
+from whalefast.stages.prepare import PrepareConfig, prepare
 
 TINY = SynthConfig(seed=1, whales=10, train_images=150, test_images=40)
 
@@ -34,7 +40,16 @@ def data_copy(tiny_data, tmp_path) -> Path:
     return dst
 
 
-def baseline_map5(data: Path) -> float:
+TRAINED = {"tiny_softmax", "tiny_arcface", "tiny_ensemble", "arc_run"}  # fixtures that fit a model (or copy one that was)
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if TRAINED & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+def _baseline_map5(data: Path) -> float:
     """Validation MAP@5 of ranking "new_whale, then the 4 most frequent training ids" for every photo."""
     split = pd.read_csv(data / "prepared" / "split.csv", keep_default_na=False)
     valid = split[split.is_valid]
@@ -43,7 +58,13 @@ def baseline_map5(data: Path) -> float:
     return map5_labels([ranking] * len(valid), valid.target.tolist())
 
 
-def tiny_fit_config(data: Path, models: Path, **kw) -> FitConfig:
+@pytest.fixture(scope="session")
+def baseline_map5():
+    """baseline_map5(data): validation MAP@5 of ranking "new_whale, then the 4 most frequent training ids" for every photo."""
+    return _baseline_map5
+
+
+def _tiny_fit_config(data: Path, models: Path, **kw) -> FitConfig:
     """Settings for a fit that takes seconds on 2 CPU cores and still learns."""
     base = dict(
         data=str(data),
@@ -66,10 +87,52 @@ def tiny_fit_config(data: Path, models: Path, **kw) -> FitConfig:
 
 
 @pytest.fixture(scope="session")
+def tiny_config():
+    """tiny_config(data, models, **settings): a FitConfig for a fit that takes seconds on 2 CPU cores and still learns."""
+    return _tiny_fit_config
+
+
+@pytest.fixture(scope="session")
+def fast_fit_args():
+    """Command-line options for a fit of seconds: the reference's small ResNet at 32 px, from scratch, 2 epochs (options typed after them win)."""
+    return [
+        "--arch",
+        "whale-resnet",
+        "--no-pretrained",
+        "--size",
+        "32",
+        "--bs",
+        "16",
+        "--lr",
+        "0.02",
+        "--epochs",
+        "2",
+        "--milestones",
+        "1",
+        "--min-samples",
+        "2",
+    ]
+
+
+@pytest.fixture(scope="session")
+def catalogue_of():
+    """catalogue_of(run_dir): the saved catalogue of an arcface run."""
+    return lambda run_dir: Run.open(run_dir).catalogue()
+
+
+@pytest.fixture
+def arc_run(tiny_arcface, tmp_path):
+    """A private copy of the tiny arcface run, in tmp_path/models/arcface (reviews and additions change its catalogue)."""
+    run_dir = tmp_path / "models" / "arcface"
+    shutil.copytree(tiny_arcface[0], run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
 def tiny_softmax(tiny_data, tmp_path_factory):
     """A tiny softmax model fitted on the tiny dataset: (run dir, fit result)."""
     models = tmp_path_factory.mktemp("models")
-    result = fit(tiny_fit_config(tiny_data, models, name="softmax"))
+    result = fit(_tiny_fit_config(tiny_data, models, name="softmax"))
     return models / "softmax", result
 
 
@@ -77,7 +140,7 @@ def tiny_softmax(tiny_data, tmp_path_factory):
 def tiny_arcface(tiny_data, tmp_path_factory):
     """A tiny arcface model fitted on the tiny dataset: (run dir, fit result)."""
     models = tmp_path_factory.mktemp("models")
-    result = fit(tiny_fit_config(tiny_data, models, name="arcface", method="arcface", embed_dim=64, scale=16.0, map_every=4))
+    result = fit(_tiny_fit_config(tiny_data, models, name="arcface", method="arcface", embed_dim=64, scale=16.0, map_every=4))
     return models / "arcface", result
 
 
@@ -112,6 +175,6 @@ class ReviewBrowser:
 @pytest.fixture
 def review_browser():
     """Open the review app of a run: review_browser(run_dir, **create_app options) -> ReviewBrowser."""
-    from whalefast.serve import create_app
+    from whalefast.review.app import create_app
 
     return lambda run_dir, **kwargs: ReviewBrowser(create_app(run_dir, **kwargs))

@@ -12,7 +12,7 @@ ROUNDS = 30
 CHILD = """
 import json, resource, sys
 import torch
-from whalefast.allocator import reuse_freed_memory
+from whalefast.core.allocator import reuse_freed_memory
 applied = reuse_freed_memory() if sys.argv[1] == "reuse" else False
 faults = []
 for _ in range(int(sys.argv[2])):

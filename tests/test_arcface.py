@@ -4,12 +4,13 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import baseline_map5
 from PIL import Image
 
-from whalefast.catalogue import add_to_catalogue, load_catalogue
-from whalefast.methods import EmbeddingHead, cosine_id_scores
-from whalefast.predict import predict
+from whalefast.core.ranking import cosine_id_scores
+from whalefast.match.catalogue import add_to_catalogue
+from whalefast.match.matcher import Matcher
+from whalefast.nets.heads import EmbeddingHead
+from whalefast.stages.predict import predict
 
 
 def test_margin_zero_equals_scaled_softmax_cross_entropy():
@@ -34,18 +35,18 @@ def test_ranking_scores_each_id_once_by_its_nearest_photo():
     assert scores[0].tolist() == pytest.approx([0.8, 0.96, -0.8, -2.0])  # id 3 has no photo
 
 
-def test_tiny_arcface_fit_learns(tiny_arcface, tiny_data):
+def test_tiny_arcface_fit_learns(tiny_arcface, tiny_data, baseline_map5, catalogue_of):
     run_dir, result = tiny_arcface
     history = pd.read_csv(run_dir / "history.csv")
     assert history.valid_loss.iloc[-1] < history.valid_loss.iloc[0]
     assert history.map5.notna().tolist() == [False, False, False, True, False, True]  # map_every=4: epochs 4 and 6 (the last)
     assert result["valid_map5"] > baseline_map5(tiny_data) + 0.05
-    cat = load_catalogue(run_dir)
-    assert cat["embeddings"].shape[1] == 64 and len(cat["photos"]) == cat["embeddings"].shape[0]
+    cat = catalogue_of(run_dir)
+    assert cat.embeddings.shape[1] == 64 and len(cat.photos) == cat.embeddings.shape[0]
 
 
-def test_catalogue_add_makes_a_new_whale_findable(tiny_arcface, tmp_path):
-    from whalefast.synth import fluke_template, render_photo
+def test_catalogue_add_makes_a_new_whale_findable(tiny_arcface, tmp_path, catalogue_of):
+    from whalefast.data.synth import fluke_template, render_photo
 
     run_dir = tmp_path / "arcface"
     shutil.copytree(tiny_arcface[0], run_dir)  # the session's model stays as it was
@@ -55,9 +56,9 @@ def test_catalogue_add_makes_a_new_whale_findable(tiny_arcface, tmp_path):
     with Image.open(tmp_path / "new" / "first.jpg") as im:  # another photo of the same encounter: smaller, re-encoded
         im.resize((im.width * 4 // 5, im.height * 4 // 5)).save(tmp_path / "new" / "second.jpg", quality=80)
     pd.DataFrame({"Image": ["first.jpg"], "Id": ["w_newbie"]}).to_csv(tmp_path / "new.csv", index=False)
-    before = load_catalogue(run_dir)
+    before = catalogue_of(run_dir)
     summary = add_to_catalogue(run_dir, tmp_path / "new.csv", tmp_path / "new")
-    assert summary["new_ids"] == 1 and summary["ids"] == len(before["ids"]) + 1
+    assert summary["new_ids"] == 1 and summary["ids"] == len(before.ids) + 1
     ranked = predict([tmp_path / "new" / "second.jpg"], run_dir, top=5)[0]["matches"]
     assert ranked[0]["id"] == "w_newbie"
 
@@ -67,14 +68,30 @@ def test_only_models_trained_on_mirror_images_average_with_the_mirror(tiny_arcfa
 
     import numpy as np
 
-    from whalefast.inference import Scorer
-
     photos = np.random.default_rng(0).integers(0, 256, size=(3, 48, 96, 3), dtype=np.uint8)
-    reference = Scorer(tiny_arcface[0])  # trained with random flips: averages each photo with its mirror image
-    assert not torch.allclose(reference.scores(photos, tta=True), reference.scores(photos, tta=False))
+    reference = Matcher(tiny_arcface[0])  # trained with random flips: averages each photo with its mirror image
+    assert reference.spec.mirror and not torch.allclose(reference.scores(photos), Matcher(tiny_arcface[0], tta=False).scores(photos))
     run_dir = tmp_path / "fluke"
     shutil.copytree(tiny_arcface[0], run_dir)
-    config = json.loads((run_dir / "config.json").read_text())
-    (run_dir / "config.json").write_text(json.dumps({**config, "augment": "fluke"}))  # as if trained never mirrored
-    fluke = Scorer(run_dir)
-    assert torch.equal(fluke.scores(photos, tta=True), reference.scores(photos, tta=False))
+    spec = json.loads((run_dir / "input.json").read_text())
+    (run_dir / "input.json").write_text(json.dumps({**spec, "mirror": False}))  # as if trained never mirrored
+    fluke = Matcher(run_dir)
+    assert torch.equal(fluke.scores(photos), Matcher(tiny_arcface[0], tta=False).scores(photos))
+
+
+def test_the_training_time_map5_is_scored_as_calibration_scores_it(tiny_arcface, tiny_data):
+    from types import SimpleNamespace
+
+    from whalefast.data.loaders import TrainingData, training_items
+    from whalefast.data.prepared import image_cache, load_split
+    from whalefast.runs.folder import Run
+    from whalefast.runs.methods import ValidationMAP
+
+    run_dir, result = tiny_arcface
+    run = Run.open(run_dir)
+    items, vocab = training_items(load_split(tiny_data / "prepared"))
+    data = TrainingData(None, items, vocab, image_cache(tiny_data, tiny_data / "prepared", "train", items.Image.tolist(), run.spec))
+    metric = ValidationMAP(run.method, run.spec, data, bs=32)
+    metric.learn = SimpleNamespace(epoch=5, n_epoch=6, model=run.network())  # the last epoch, with the best weights
+    metric.before_validate()
+    assert metric.map5 == pytest.approx(result["valid_map5"], abs=1e-6) and metric.top1 == pytest.approx(result["valid_top1"], abs=1e-6)

@@ -1,8 +1,15 @@
+"""The CLI: help and version, one-line errors naming the option, recipes merged with typed options, resume and its hint, quiet logs."""
+
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 from whalefast import __version__
 from whalefast.cli import app
+from whalefast.core.errors import WhalefastError
+from whalefast.learn.trainer import fit
+
+runner = CliRunner()
 
 COMMANDS = ["synth", "prepare", "fit", "lr-find", "submit", "predict", "evaluate", "demo", "catalogue"]
 
@@ -33,11 +40,11 @@ def test_unknown_arch_lists_valid_names(tmp_path):
 
 
 def test_recipe_fills_what_was_not_typed(tmp_path, monkeypatch):
-    from whalefast import train
-    from whalefast.recipes import RECIPES
+    from whalefast.learn import trainer
+    from whalefast.runs.recipes import RECIPES
 
     seen = []
-    monkeypatch.setattr(train, "fit", lambda cfg, resume, distributed: seen.append(cfg))
+    monkeypatch.setattr(trainer, "fit", lambda cfg, resume, distributed, typed: seen.append(cfg))
     result = CliRunner().invoke(app, ["fit", "--data", str(tmp_path), "--recipe", "flukes", "--epochs", "3", "--size", "64x128"])
     assert result.exit_code == 0, result.output
     cfg = seen[0]
@@ -47,3 +54,87 @@ def test_recipe_fills_what_was_not_typed(tmp_path, monkeypatch):
     assert cfg.name == "flukes" and cfg.recipe == "flukes"
     result = CliRunner().invoke(app, ["fit", "--data", str(tmp_path), "--recipe", "nosuch"])
     assert result.exit_code == 1 and "unknown recipe 'nosuch'; choose one of: reference, flukes" in result.output
+
+
+def test_lr_find_takes_the_same_options_as_fit():
+    def options(command):
+        text = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}, terminal_width=200).output
+        return {word for word in text.replace("│", " ").split() if word.startswith("--")}
+
+    assert options("fit") - options("lr-find") == {"--resume", "--no-resume", "--distributed", "--no-distributed"}
+
+
+@pytest.mark.slow
+def test_a_diverging_fit_stops_with_one_line_and_leaves_nothing(tiny_data, tmp_path, tiny_config, fast_fit_args):
+    fast = dict(arch="whale-resnet", pretrained=False, size=32, bs=16, epochs=2, milestones=(1,), opt="sgd", lr=1e6, momentum=0.99)
+    with pytest.raises(WhalefastError, match=r"diverged in epoch 0.*lower --lr \(this run used 1e\+06\)"):
+        fit(tiny_config(tiny_data, tmp_path, **fast))
+    assert not (tmp_path / "tiny").exists()  # a run that failed before its first epoch ended leaves no folder
+    result = runner.invoke(app, ["fit", "--data", str(tiny_data), *fast_fit_args, "--epochs", "1", "--lr", "1e6", "--models-dir", str(tmp_path), "--name", "x"])
+    assert result.exit_code == 1 and "diverged in epoch 0" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lr", "-1"], "--lr must be a positive number"),
+        (["--lr", "nan"], "--lr must be a positive number"),
+        (["--milestones", "a,b"], "--milestones must be comma-separated epoch numbers"),
+        (["--size", "0"], "--size must be at least 16"),
+        (["--size", "12x"], "--size must be N or HEIGHTxWIDTH"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--bs", "0"], "--bs must be at least 1"),
+        (["--map-every", "0"], "--map-every must be at least 1"),
+        (["--opt", "rmsprop"], "--opt must be sgd or adam"),
+        (["--method", "triplet"], "--method must be softmax or arcface"),
+    ],
+)
+def test_each_bad_option_is_one_line_naming_it(tmp_path, args, message):
+    result = runner.invoke(app, ["fit", "--data", str(tmp_path), "--arch", "whale-resnet", "--no-pretrained", *args])
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.output
+
+
+@pytest.mark.slow
+def test_an_interrupted_fit_says_how_to_continue_and_resume_refuses_other_options(tiny_data, tmp_path, monkeypatch, fast_fit_args):
+    from whalefast.learn.callbacks import Checkpoints
+
+    args = ["fit", "--data", str(tiny_data), *fast_fit_args, "--models-dir", str(tmp_path), "--name", "run"]
+    original = Checkpoints.after_epoch
+
+    def interrupt(self):
+        original(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpoints, "after_epoch", interrupt)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 130
+    assert f"whalefast fit --name run --models-dir {tmp_path} --resume" in result.output
+    monkeypatch.setattr(Checkpoints, "after_epoch", original)
+
+    changed = runner.invoke(app, ["fit", "--name", "run", "--models-dir", str(tmp_path), "--resume", "--lr", "0.5"])
+    assert changed.exit_code == 1 and "--lr 0.5 (the run has 0.02)" in changed.output
+    resumed = runner.invoke(app, ["fit", "--name", "run", "--models-dir", str(tmp_path), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert pd.read_csv(tmp_path / "run" / "history.csv").epoch.tolist() == [0, 1]
+
+
+def test_help_shows_defaults_and_whole_arch_names():
+    from whalefast.nets.registry import ARCHS
+
+    result = runner.invoke(app, ["fit", "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+    text = " ".join(result.output.replace("│", " ").split())
+    assert " ." not in text
+    assert "[default: (prepare's --min-samples)]" in text and "[default: (the recipe, or the arch for reference)]" in text
+    for name in ARCHS:
+        assert name in text
+
+
+@pytest.mark.slow
+def test_quiet_epoch_lines_when_not_a_terminal(tiny_data, tmp_path, fast_fit_args):
+    result = runner.invoke(app, ["fit", "--data", str(tiny_data), *fast_fit_args, "--models-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    epoch_lines = [line for line in result.stderr.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 2 and "train_loss" in epoch_lines[0]
+    assert "\r" not in result.output and len(result.output) < 4000

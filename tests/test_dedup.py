@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from whalefast.dedup import decide_group, dedup, hash_images, match_test
+from whalefast.data.dedup import decide_group, dedup, hash_images, match_test
 
 
 def _photo(seed: int, size=(120, 80)) -> Image.Image:

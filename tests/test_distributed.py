@@ -4,48 +4,20 @@ import subprocess
 
 import pandas as pd
 import pytest
-import torch
 
-from whalefast.data import image_cache, load_split, training_items
-from whalefast.inference import load_model, run_model
-from whalefast.metrics import map5_calibrated
+from whalefast.data.loaders import TrainingData, training_items
+from whalefast.data.prepared import image_cache, load_split
+from whalefast.runs.folder import Run
 
 
-def test_two_cpu_processes_train_one_model(tiny_data, tmp_path):
+@pytest.mark.slow
+def test_two_cpu_processes_train_one_model(tiny_data, tmp_path, fast_fit_args):
     """The README's command: `torchrun --nproc_per_node 2 -m whalefast fit --distributed ...` on gloo."""
     if shutil.which("torchrun") is None:
         pytest.skip("torchrun not on PATH")
     models = tmp_path / "models"
-    command = [
-        "torchrun",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "whalefast",
-        "fit",
-        "--distributed",
-        "--data",
-        str(tiny_data),
-        "--arch",
-        "whale-resnet",
-        "--no-pretrained",
-        "--size",
-        "32",
-        "--bs",
-        "16",
-        "--epochs",
-        "2",
-        "--milestones",
-        "1",
-        "--lr",
-        "0.02",
-        "--name",
-        "ddp",
-        "--models-dir",
-        str(models),
-        "--min-samples",
-        "2",
-    ]
+    torchrun = ["torchrun", "--nproc_per_node", "2", "-m", "whalefast", "fit", "--distributed"]
+    command = [*torchrun, "--data", str(tiny_data), *fast_fit_args, "--name", "ddp", "--models-dir", str(models)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     output = result.stdout + result.stderr
@@ -56,18 +28,16 @@ def test_two_cpu_processes_train_one_model(tiny_data, tmp_path):
 
     run_dir = models / "ddp"
     files = sorted(p.name for p in run_dir.iterdir())
-    assert files == ["calibration.json", "config.json", "curves.png", "history.csv", "last.pth", "model.pth", "status.json"]
+    assert files == ["calibration.json", "config.json", "curves.png", "history.csv", "input.json", "last.pth", "learnt.json", "model.pth", "status.json"]
     history = pd.read_csv(run_dir / "history.csv")
     assert history.epoch.tolist() == [0, 1]
 
-    # The MAP@5 reported for the best epoch (validation gathered from both ranks) equals a
-    # single-process evaluation of the saved weights over the whole validation set.
-    model, cfg, _ = load_model(run_dir, torch.device("cpu"))
-    items, _ = training_items(load_split(tiny_data / "prepared"))
-    valid = items[items.is_valid]
-    images = image_cache(tiny_data, tiny_data / "prepared", "train", items.Image.tolist(), cfg.size)
-    logits = run_model(model, [images[n] for n in valid.Image], bs=64, tta=False)
-    code = {v: i for i, v in enumerate(cfg.vocab)}
-    targets = torch.tensor([code.get(t, -100) for t in valid.target])
+    # The MAP@5 reported for the best epoch (scored on each rank over the whole validation set) equals a
+    # single-process evaluation of the saved weights, through the same scoring path as calibration.
+    run = Run.open(run_dir)
+    items, vocab = training_items(load_split(tiny_data / "prepared"))
+    images = image_cache(tiny_data, tiny_data / "prepared", "train", items.Image.tolist(), run.spec)
+    data = TrainingData(None, items, vocab, images)
+    _, map5, _ = run.method.score_validation(run.network(), run.spec, data, bs=64)
     best = int(history.valid_loss.idxmin())
-    assert history.map5[best] == pytest.approx(map5_calibrated(logits, targets), abs=1e-4)
+    assert history.map5[best] == pytest.approx(map5, abs=1e-4)

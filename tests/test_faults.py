@@ -12,14 +12,15 @@ import time
 import pandas as pd
 import psutil
 import pytest
-from conftest import tiny_fit_config
 from typer.testing import CliRunner
 
 from whalefast.cli import app
-from whalefast.errors import WhalefastError
-from whalefast.prepare import PrepareConfig, prepare
-from whalefast.synth import SynthConfig, generate
-from whalefast.train import Checkpoints, fit
+from whalefast.core.errors import WhalefastError
+from whalefast.data.synth import SynthConfig, generate
+from whalefast.learn.callbacks import Checkpoints
+from whalefast.learn.trainer import fit
+from whalefast.runs.folder import Run
+from whalefast.stages.prepare import PrepareConfig, prepare
 
 runner = CliRunner()
 FAST = ["--arch", "whale-resnet", "--no-pretrained", "--size", "32", "--bs", "16", "--epochs", "1", "--milestones", ""]
@@ -38,8 +39,11 @@ def _error_line(result) -> str:
     return errors[0]
 
 
-def _fast_config(data, models, **kw):
-    return tiny_fit_config(data, models, **{**dict(arch="whale-resnet", pretrained=False, size=32, bs=16, epochs=1, milestones=(), opt="sgd", lr=0.02), **kw})
+@pytest.fixture
+def fast_config(tiny_config):
+    """fast_config(data, models, **settings): a fit of seconds, the reference's small ResNet at 32 px."""
+    fast = dict(arch="whale-resnet", pretrained=False, size=32, bs=16, epochs=1, milestones=(), opt="sgd", lr=0.02)
+    return lambda data, models, **kw: tiny_config(data, models, **{**fast, **kw})
 
 
 def _gone(pids: list[int], timeout: float = 15) -> bool:
@@ -54,19 +58,21 @@ def _gone(pids: list[int], timeout: float = 15) -> bool:
 
 SLOW_PREPARE = """
 import sys, time
-from whalefast import dedup, prepare
+from whalefast.data import dedup
+from whalefast.stages import prepare
 dedup.hash_one = lambda path: time.sleep(600)  # workers that would decode for minutes
 prepare.prepare(sys.argv[1], quiet=True)
 """
 
 KILLED_AFTER_SPLIT = """
 import os, sys
-from whalefast import prepare
+from whalefast.stages import prepare
 prepare.choose_boxes = lambda *a, **k: os._exit(9)  # killed after split.csv, before boxes.csv and prepare.json
 prepare.prepare(sys.argv[1], cfg=prepare.PrepareConfig(boxes=sys.argv[2]), quiet=True)
 """
 
 
+@pytest.mark.slow
 def test_a_killed_prepare_takes_its_workers_along_and_leaves_a_folder_fit_refuses(data_copy, tmp_path):
     job = subprocess.Popen([sys.executable, "-c", SLOW_PREPARE, str(data_copy)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     parent = psutil.Process(job.pid)
@@ -138,12 +144,13 @@ def _on_a_small_disk(tmp_path, commands: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux's unshare for a private tmpfs")
 def test_a_full_disk_is_one_line_and_leaves_what_was_there(tiny_data, tiny_arcface, tmp_path):
     whalefast = f"{sys.executable} -m whalefast"
     run = tmp_path / "run"
     run.mkdir()
-    for name in ("config.json", "model.pth", "catalogue.pt", "calibration.json", "status.json"):
+    for name in ("config.json", "learnt.json", "input.json", "model.pth", "catalogue.pt", "calibration.json", "status.json"):
         shutil.copy(tiny_arcface[0] / name, run / name)
     new = tmp_path / "new"
     new.mkdir()
@@ -172,6 +179,7 @@ def test_a_full_disk_is_one_line_and_leaves_what_was_there(tiny_data, tiny_arcfa
     assert len(digests) == 2 and digests[0] == digests[1] and ".tmp" not in after.split("add exit")[1], out  # the catalogue is unchanged
 
 
+@pytest.mark.slow
 def test_a_read_only_data_folder_says_so_and_prepared_elsewhere_works(data_copy, tmp_path):
     prepared, models = tmp_path / "prepared", tmp_path / "models"
     as_user = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
@@ -204,9 +212,8 @@ def test_a_read_only_data_folder_says_so_and_prepared_elsewhere_works(data_copy,
         os.chmod(data_copy, 0o755)
 
 
-def test_a_fit_killed_before_its_weights_leaves_a_folder_marked_unfinished(tiny_data, tmp_path, monkeypatch):
-    from whalefast.inference import Scorer
-
+@pytest.mark.slow
+def test_a_fit_killed_before_its_weights_leaves_a_folder_marked_unfinished(tiny_data, tmp_path, monkeypatch, fast_config):
     original = Checkpoints.after_epoch
 
     def killed(self):
@@ -214,11 +221,11 @@ def test_a_fit_killed_before_its_weights_leaves_a_folder_marked_unfinished(tiny_
 
     monkeypatch.setattr(Checkpoints, "after_epoch", killed)
     with pytest.raises(KeyboardInterrupt):
-        fit(_fast_config(tiny_data, tmp_path, name="cut"))
+        fit(fast_config(tiny_data, tmp_path, name="cut"))
     assert json.loads((tmp_path / "cut" / "status.json").read_text()) == {"state": "training"}
     assert not (tmp_path / "cut" / "model.pth").exists()
     with pytest.raises(WhalefastError, match="cut: a fit that stopped after 1 epochs left no weights to resume; fit it again"):
-        Scorer(tmp_path / "cut")
+        Run.open(tmp_path / "cut")
 
     def interrupted(self):
         original(self)
@@ -226,19 +233,19 @@ def test_a_fit_killed_before_its_weights_leaves_a_folder_marked_unfinished(tiny_
 
     monkeypatch.setattr(Checkpoints, "after_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        fit(_fast_config(tiny_data, tmp_path, name="cut", epochs=2))
+        fit(fast_config(tiny_data, tmp_path, name="cut", epochs=2))
     line = _one_line(runner.invoke(app, ["predict", str(tiny_data / "test"), "--model", "cut", "--models-dir", str(tmp_path)]))
     assert f"its fit stopped after 1 epochs and did not finish; continue it with `whalefast fit --name cut --models-dir {tmp_path} --resume`" in line
     monkeypatch.setattr(Checkpoints, "after_epoch", original)
-    fit(_fast_config(tiny_data, tmp_path, name="cut", epochs=2), resume=True)
+    fit(fast_config(tiny_data, tmp_path, name="cut", epochs=2), resume=True)
     assert json.loads((tmp_path / "cut" / "status.json").read_text()) == {"state": "finished"}
-    Scorer(tmp_path / "cut")
+    Run.open(tmp_path / "cut")
 
     monkeypatch.setattr(Checkpoints, "after_epoch", killed)  # a new fit over the finished run, killed: no mix of old and new
     with pytest.raises(KeyboardInterrupt):
-        fit(_fast_config(tiny_data, tmp_path, name="cut", lr=0.01))
+        fit(fast_config(tiny_data, tmp_path, name="cut", lr=0.01))
     with pytest.raises(WhalefastError, match="did not finish|left no weights"):
-        Scorer(tmp_path / "cut")
+        Run.open(tmp_path / "cut")
 
 
 @pytest.mark.parametrize(
@@ -316,7 +323,7 @@ def test_the_cli_starts_without_the_heavy_libraries():
 
 
 def test_no_space_errors_name_the_file(tmp_path, monkeypatch):
-    from whalefast.io import save_torch, write_csv
+    from whalefast.core.files import save_torch, write_csv
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

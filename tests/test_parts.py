@@ -7,13 +7,15 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import baseline_map5, tiny_fit_config
 
-from whalefast.catalogue import load_catalogue
-from whalefast.inference import load_model, run_model
-from whalefast.methods import ArcFaceCriterion, EmbeddingHead, strips
-from whalefast.metrics import NEW_WHALE_TARGET
-from whalefast.train import fit
+from whalefast.core.ranking import NEW_WHALE_TARGET
+from whalefast.core.spec import IMAGENET_MEAN, IMAGENET_STD
+from whalefast.data.prepared import image_cache
+from whalefast.learn.trainer import fit
+from whalefast.nets.forward import forward_photos
+from whalefast.nets.heads import EmbeddingHead, strips
+from whalefast.nets.losses import ArcFaceCriterion
+from whalefast.runs.folder import Run
 
 
 def positions(height: int, width: int) -> torch.Tensor:
@@ -88,32 +90,33 @@ def test_a_head_without_parts_keeps_the_checkpoint_layout_of_earlier_runs():
     assert list(head_with_parts(1).state_dict())[: len(expected)] == expected
 
 
-def test_a_tiny_fit_with_parts_learns_and_catalogues_the_whole_and_each_strip(tiny_data, tmp_path):
-    cfg = tiny_fit_config(tiny_data, tmp_path, name="parts", method="arcface", augment="fluke", embed_dim=16, scale=16.0, map_every=6, parts=2)
+@pytest.mark.slow
+def test_a_tiny_fit_with_parts_learns_and_catalogues_the_whole_and_each_strip(tiny_data, tmp_path, tiny_config, baseline_map5):
+    cfg = tiny_config(tiny_data, tmp_path, name="parts", method="arcface", augment="fluke", embed_dim=16, scale=16.0, map_every=6, parts=2)
     result = fit(cfg)
     run_dir = tmp_path / "parts"
     assert json.loads((run_dir / "config.json").read_text())["parts"] == 2
     assert result["valid_map5"] > baseline_map5(tiny_data) + 0.05
-    model, loaded, _ = load_model(run_dir, torch.device("cpu"))
-    assert loaded.parts == 2 and len(model[1].part_embeds) == 4
-    catalogue = load_catalogue(run_dir)
-    assert catalogue["embeddings"].shape[1] == 80  # 16 for the whole photo and for each of its four halves
+    run = Run.open(run_dir)
+    model = run.network()
+    assert run.settings.parts == 2 and len(model[1].part_embeds) == 4
+    catalogue = run.catalogue()
+    assert catalogue.embeddings.shape[1] == 80  # 16 for the whole photo and for each of its four halves
 
-    from whalefast.data import image_cache
-
-    names = [p.split("/")[-1] for p in catalogue["photos"][:4]]
-    images = image_cache(tiny_data, tiny_data / "prepared", "train", names, cfg.size, crop=True)
-    assert torch.allclose(catalogue["embeddings"][:4], F.normalize(run_model(model, [images[n] for n in names], tta=False), dim=1), atol=1e-4)
+    names = [p.split("/")[-1] for p in catalogue.photos[:4]]
+    images = image_cache(tiny_data, tiny_data / "prepared", "train", names, run.spec)
+    by_hand = forward_photos(model, [images[n] for n in names], IMAGENET_MEAN, IMAGENET_STD)
+    assert torch.allclose(catalogue.embeddings[:4], F.normalize(by_hand, dim=1), atol=1e-4)
 
 
 def test_the_cli_takes_parts_from_the_recipe_or_as_typed_and_refuses_bad_ones(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from whalefast import train
     from whalefast.cli import app
+    from whalefast.learn import trainer
 
     seen = []
-    monkeypatch.setattr(train, "fit", lambda cfg, resume, distributed: seen.append(cfg))
+    monkeypatch.setattr(trainer, "fit", lambda cfg, resume, distributed, typed: seen.append(cfg))
     assert CliRunner().invoke(app, ["fit", "--data", str(tmp_path), "--method", "arcface", "--parts", "3"]).exit_code == 0
     assert CliRunner().invoke(app, ["fit", "--data", str(tmp_path), "--recipe", "flukes"]).exit_code == 0
     assert [cfg.parts for cfg in seen] == [3, 2]

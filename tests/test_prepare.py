@@ -8,9 +8,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from whalefast.cli import app
-from whalefast.errors import WhalefastError
-from whalefast.io import open_rgb
-from whalefast.prepare import prepare
+from whalefast.core.errors import WhalefastError
+from whalefast.core.images import open_rgb
+from whalefast.stages.prepare import prepare
 
 
 def _tree_digest(folder):

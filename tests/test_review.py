@@ -7,17 +7,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from whalefast.catalogue import load_catalogue
 from whalefast.cli import app
-from whalefast.review import Review, ReviewError, check_upload
-
-
-@pytest.fixture
-def arc_run(tiny_arcface, tmp_path):
-    """A private copy of the tiny arcface run (reviews change its catalogue)."""
-    run_dir = tmp_path / "models" / "arcface"
-    shutil.copytree(tiny_arcface[0], run_dir)
-    return run_dir
+from whalefast.review.logic import Review, ReviewError, check_upload
+from whalefast.runs.folder import Run
 
 
 def _photo_bytes(tiny_data, k=0) -> tuple[str, bytes]:
@@ -50,16 +42,16 @@ def test_review_ranks_decides_logs_and_grows_the_catalogue(arc_run, tiny_data):
     assert [c.rank for c in candidates] == [1, 2, 3]
     assert len({c.id for c in candidates}) == 3
     assert candidates[0].score >= candidates[1].score >= candidates[2].score
-    before = load_catalogue(arc_run)
+    before = Run.open(arc_run).catalogue()
     top = candidates[0]
     assert top.photos, "every candidate comes with its catalogue photos"
 
     row = review.decide(query.qid, "same", top.id, comment="clear trailing edge", expected=0)
     assert (row["decision"], row["id"], row["rank"], row["catalogue"]) == ("same", top.id, "1", "added")
-    after = load_catalogue(arc_run)
-    assert after["embeddings"].shape[0] == before["embeddings"].shape[0] + 1
-    assert after["ids"][int(after["labels"][-1])] == top.id
-    assert after["photos"][-1] == str(query.file.resolve())
+    after = Run.open(arc_run).catalogue()
+    assert after.embeddings.shape[0] == before.embeddings.shape[0] + 1
+    assert after.ids[int(after.labels[-1])] == top.id
+    assert after.photos[-1] == str(query.file.resolve())
 
     restarted = Review(arc_run)  # a restart keeps the queue and every decision
     assert list(restarted.queue) == [query.qid]
@@ -110,7 +102,7 @@ def test_concurrent_decisions_keep_the_first_and_lose_nothing(arc_run, tiny_data
     assert sorted(map(str, results)).count("409") == 3
     log = pd.read_csv(arc_run / "review_log.csv", keep_default_na=False)
     assert log.comment.tolist()[0] == "reviewer A" and len(log) == 2 and log.decision.tolist() == ["unsure", "same"]
-    assert load_catalogue(arc_run)["photos"].count(str(query.file.resolve())) == 1
+    assert Run.open(arc_run).catalogue().photos.count(str(query.file.resolve())) == 1
 
 
 def test_softmax_review_shows_training_photos_and_logs_only(tiny_softmax, tiny_data, tmp_path):
@@ -162,9 +154,9 @@ def test_huge_uploads_and_conflicting_catalogue_photos_get_a_message(arc_run, ti
     assert big.status_code == 400 and f"{name}: too large" in big.text and "the limit is 2 KB" in big.text
 
     review = Review(arc_run)
-    cat = load_catalogue(arc_run)
-    known = cat["photos"][0]
-    owner = cat["ids"][int(cat["labels"][0])]
+    cat = Run.open(arc_run).catalogue()
+    known = cat.photos[0]
+    owner = cat.ids[int(cat.labels[0])]
     other = next(i for i in review.known_ids() if i != owner)
     query = review.add("copy-of-a-catalogue-photo.jpg", open(known, "rb").read())
     with pytest.raises(ReviewError, match=f"already catalogued as {owner}") as e:

@@ -2,8 +2,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from whalefast.data import OversampledDL, rotate_and_crop, whale_dataloaders
-from whalefast.split import make_split, oversampling_splitter
+from whalefast.core.spec import InputSpec
+from whalefast.data.augment import rotate_and_crop
+from whalefast.data.loaders import OversampledDL, whale_dataloaders
+from whalefast.data.split import make_split, oversampling_splitter
 
 
 def _clean(n_ids=40, seed=0):
@@ -58,12 +60,12 @@ def test_rotate_and_crop_changes_the_photo_but_not_its_type():
 
 
 def test_only_repeats_get_extra_augmentation(tiny_data, monkeypatch):
-    dls = whale_dataloaders(tiny_data, size=32, bs=8, min_samples=6, num_workers=0)
+    dls = whale_dataloaders(tiny_data, tiny_data / "prepared", InputSpec(size=(32, 32)), bs=8, min_samples=6, num_workers=0).dls
     assert isinstance(dls.train, OversampledDL)
     n = dls.train.n_originals
     assert len(dls.train_ds) > n
     calls = []
-    monkeypatch.setattr("whalefast.data.rotate_and_crop", lambda x: calls.append(1) or x)
+    monkeypatch.setattr("whalefast.data.loaders.rotate_and_crop", lambda x: calls.append(1) or x)
     dls.train.create_item(0)
     dls.train.create_item(n - 1)
     assert calls == []
@@ -74,11 +76,12 @@ def test_only_repeats_get_extra_augmentation(tiny_data, monkeypatch):
 
 
 def test_batch_shape_type_and_range(tiny_data):
-    dls = whale_dataloaders(tiny_data, size=48, bs=8, num_workers=0)
+    data = whale_dataloaders(tiny_data, tiny_data / "prepared", InputSpec(size=(48, 48)), bs=8, num_workers=0)
+    dls = data.dls
     x, y = dls.one_batch()
     assert x.shape == (8, 3, 48, 48) and x.dtype == torch.float32
     assert -2.2 < float(x.min()) < 0 < float(x.max()) < 2.7  # ImageNet-normalised
-    assert y.dtype == torch.int64 and int(y.min()) >= 0 and int(y.max()) < len(dls.vocab)
+    assert y.dtype == torch.int64 and int(y.min()) >= 0 and int(y.max()) < len(data.vocab)
     _, yv = dls.valid.one_batch()
     assert (yv == -100).any()  # unseen whales in validation carry the new_whale code
 
@@ -86,7 +89,7 @@ def test_batch_shape_type_and_range(tiny_data):
 def test_fluke_augment_never_mirrors_nor_turns_upside_down():
     from fastai.torch_core import TensorImage
 
-    from whalefast.data import FlukeAugment
+    from whalefast.data.augment import FlukeAugment
 
     torch.manual_seed(0)
     x = torch.zeros(200, 3, 32, 64)

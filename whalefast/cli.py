@@ -1,7 +1,12 @@
-"""The whalefast command line: thin Typer commands over the library's stages."""
+"""The whalefast command line: thin Typer commands over the library's stages.
 
-from __future__ import annotations
+Each command parses its options, calls one library function and prints its answer; every error is
+one line. Heavy libraries load inside the commands that need them, so --help answers at once. (No
+`from __future__ import annotations`: Typer reads the shared training options' Annotated types
+from a signature built at import time.)
+"""
 
+import inspect
 import sys
 import time
 import warnings
@@ -12,7 +17,7 @@ import typer
 from typer.core import TyperGroup
 
 from whalefast import __version__
-from whalefast.errors import WhalefastError
+from whalefast.core.errors import WhalefastError
 
 # A deprecation notice raised inside a dependency at import time; it says nothing to a whalefast user.
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
@@ -86,7 +91,7 @@ def main(
 def _fail(e: WhalefastError):
     from rich.text import Text
 
-    from whalefast.console import console
+    from whalefast.core.console import console
 
     console.print(Text.assemble(("error:", "bold red"), f" {e}"), highlight=False, soft_wrap=True)
     raise typer.Exit(1)
@@ -98,13 +103,13 @@ def _run(fn, *args, **kwargs):
     except WhalefastError as e:
         _fail(e)
     except OSError as e:  # a full disk, an unwritable or vanished file met outside whalefast's own checks
-        from whalefast.io import os_error_text
+        from whalefast.core.files import os_error_text
 
         _fail(WhalefastError(os_error_text(e)))
 
 
 def _print_json(obj) -> None:
-    from whalefast.io import to_json
+    from whalefast.core.files import to_json
 
     sys.stdout.write(to_json(obj) + "\n")
 
@@ -124,8 +129,8 @@ def synth(
     test_images: Annotated[int, typer.Option(help="Test photos.")] = 600,
 ):
     """Generate a synthetic fluke dataset in the Kaggle layout (the embedded demo data), with its fluke boxes."""
-    from whalefast.console import console
-    from whalefast.synth import SynthConfig, generate
+    from whalefast.core.console import console
+    from whalefast.data.synth import SynthConfig, generate
 
     cfg = SynthConfig(seed=seed, whales=whales, train_images=train_images, test_images=test_images)
     path = _run(generate, out, cfg)
@@ -152,50 +157,21 @@ def prepare(
     min_samples: Annotated[int, typer.Option(help="Oversample ids with fewer training photos up to this count.")] = 10,
 ):
     """Hash and deduplicate the photos, match test to train, make an honest validation split, and choose fluke crops."""
-    from whalefast.prepare import PrepareConfig
-    from whalefast.prepare import prepare as run
+    from whalefast.stages.prepare import PrepareConfig
+    from whalefast.stages.prepare import prepare as run
 
     cfg = PrepareConfig(max_distance, seed, valid_pct, unseen_pct, min_samples, boxes=boxes, models_dir=str(models_dir))
     _run(run, data, out, cfg)
 
 
-def _with_recipe(ctx: typer.Context, options: dict) -> dict:
-    """`options` with the values of --recipe filled in wherever the user typed nothing."""
-    from whalefast.recipes import recipe
-
-    typed = _given(ctx)
-    chosen = recipe(options.get("recipe", "reference"))
-    return {**options, **{k: v for k, v in chosen.items() if k in options and k not in typed}}
-
-
-def _fit_config(**kw):
-    from whalefast.data import prepare_settings
-    from whalefast.io import as_size
-    from whalefast.train import FitConfig
-
-    text = kw["milestones"].strip()
-    try:
-        kw["milestones"] = tuple(int(m) for m in text.split(",")) if text else ()
-    except ValueError:
-        raise WhalefastError(f"--milestones must be comma-separated epoch numbers (e.g. 16,19), got {text!r}") from None
-    kw["size"] = as_size(kw["size"])
-    kw["name"] = kw["name"] or (kw["arch"] if kw.get("recipe", "reference") == "reference" else kw["recipe"])
-    for key in ("data", "models_dir"):
-        kw[key] = str(kw[key])
-    kw["prepared"] = str(kw["prepared"]) if kw.get("prepared") else None
-    if kw.get("min_samples") is None:
-        kw["min_samples"] = prepare_settings(Path(kw["prepared"]) if kw["prepared"] else Path(kw["data"]) / "prepared").get("min_samples", 10)
-    return FitConfig(**kw)
-
-
 def _arch_help() -> str:
-    from whalefast.models import ARCHS
+    from whalefast.nets.registry import ARCHS
 
     return "Backbone: " + ", ".join(ARCHS) + "."
 
 
 def _recipe_help() -> str:
-    from whalefast.recipes import RECIPES
+    from whalefast.runs.recipes import RECIPES
 
     return f"Settings that belong together ({', '.join(RECIPES)}); options you type override them. flukes: the real-photo recipe."
 
@@ -224,44 +200,29 @@ EmbedOpt = Annotated[int, typer.Option(help="Embedding size (arcface).", rich_he
 MarginOpt = Annotated[float, typer.Option(help="Additive angular margin in radians (arcface).", rich_help_panel=MODEL)]
 ScaleOpt = Annotated[float, typer.Option(help="Logit scale (arcface).", rich_help_panel=MODEL)]
 SubCentersOpt = Annotated[int, typer.Option(help="Sub-centres per id (arcface; 1: plain ArcFace).", rich_help_panel=MODEL)]
-PartsOpt = Annotated[
-    int,
-    typer.Option(
-        help="Also cut each photo's features into this many vertical and as many horizontal strips, each embedded with its own ArcFace loss (arcface; 2: a fluke's left and right halves, upper half and trailing edge; 0: the whole photo only).",
-        rich_help_panel=MODEL,
-    ),
-]
-AugmentOpt = Annotated[
-    str,
-    typer.Option(
-        help="reference (random horizontal and vertical flips) or fluke (small rotation, zoom, shift, shear, light; never mirrored).", rich_help_panel=TRAIN
-    ),
-]
+PARTS_HELP = (
+    "Also cut each photo's features into this many vertical and as many horizontal strips, each embedded with its own ArcFace loss "
+    "(arcface; 2: a fluke's left and right halves, upper half and trailing edge; 0: the whole photo only)."
+)
+PartsOpt = Annotated[int, typer.Option(help=PARTS_HELP, rich_help_panel=MODEL)]
+AUGMENT_HELP = "reference (random horizontal and vertical flips) or fluke (small rotation, zoom, shift, shear, light; never mirrored)."
+AugmentOpt = Annotated[str, typer.Option(help=AUGMENT_HELP, rich_help_panel=TRAIN)]
 GreyOpt = Annotated[bool, typer.Option(help="Train and match on greyscale, so colour and greyscale photos look alike.", rich_help_panel=DATA)]
 HeadLrOpt = Annotated[float, typer.Option(help="The head (and ArcFace's class centres) learns this many times faster than the body.", rich_help_panel=TRAIN)]
 WorkersOpt = Annotated[int | None, typer.Option(help="DataLoader workers.", show_default="0 on CPU, up to 8 on GPU", rich_help_panel=TRAIN)]
 CompileOpt = Annotated[bool, typer.Option(help="torch.compile the model.", rich_help_panel=TRAIN)]
-MapEveryOpt = Annotated[
-    int, typer.Option(help="Validation MAP@5 every N epochs and at the last (arcface embeds every training photo for it).", rich_help_panel=TRAIN)
-]
-TtaScalesOpt = Annotated[
-    str,
-    typer.Option(
-        help="Test-time scales: catalogue, threshold and every new photo use the photo resized by each factor, the views combined, e.g. 6/7,1,8/7 (sizes round to 8 pixels).",
-        rich_help_panel=MODEL,
-    ),
-]
-MembersOpt = Annotated[
-    int,
-    typer.Option(
-        help="Train an ensemble of this many networks, from seeds SEED, SEED+1 and so on, used as one model; each one costs a full fit.", rich_help_panel=MODEL
-    ),
-]
+MAP_EVERY_HELP = "Validation MAP@5 every N epochs and at the last (arcface embeds every training photo for it)."
+MapEveryOpt = Annotated[int, typer.Option(help=MAP_EVERY_HELP, rich_help_panel=TRAIN)]
+TTA_HELP = (
+    "Test-time scales: catalogue, threshold and every new photo use the photo resized by each factor, the views combined, "
+    "e.g. 6/7,1,8/7 (sizes round to 8 pixels)."
+)
+TtaScalesOpt = Annotated[str, typer.Option(help=TTA_HELP, rich_help_panel=MODEL)]
+MEMBERS_HELP = "Train an ensemble of this many networks, from seeds SEED, SEED+1 and so on, used as one model; each one costs a full fit."
+MembersOpt = Annotated[int, typer.Option(help=MEMBERS_HELP, rich_help_panel=MODEL)]
 
 
-@app.command()
-def fit(
-    ctx: typer.Context,
+def training_options(
     data: DataOpt = Path("data"),
     prepared: PreparedOpt = None,
     recipe: RecipeOpt = "reference",
@@ -296,58 +257,63 @@ def fit(
     map_every: MapEveryOpt = 1,
     members: MembersOpt = 1,
     tta_scales: TtaScalesOpt = "1",
+):
+    """The options fit and lr-find share: a run's settings (whalefast.runs.config.FitConfig), the defaults the reference recipe's."""
+
+
+TRAINING_OPTIONS = list(inspect.signature(training_options).parameters)
+
+
+def with_training_options(command):
+    """Give `command` (which takes ctx, its own options and **options) the shared training options after its context."""
+    own = list(inspect.signature(command).parameters.values())
+    shared = list(inspect.signature(training_options).parameters.values())
+    params = [own[0], *shared, *(p for p in own[1:] if p.kind is not inspect.Parameter.VAR_KEYWORD)]
+    command.__signature__ = inspect.Signature(params)
+    return command
+
+
+def _fit_config(ctx: typer.Context):
+    """The run's settings from the options, --recipe filling what was not typed (one library call: FitConfig.from_options)."""
+    from whalefast.runs.config import FitConfig
+
+    typed = _given(ctx)
+    options = {k: v for k, v in ctx.params.items() if k in TRAINING_OPTIONS}
+    return _run(FitConfig.from_options, options, typed), {k: v for k, v in typed.items() if k in TRAINING_OPTIONS}
+
+
+@app.command()
+@with_training_options
+def fit(
+    ctx: typer.Context,
     resume: Annotated[
         bool, typer.Option(help="Continue the interrupted run NAME from its last completed epoch, with its saved settings.", rich_help_panel=TRAIN)
     ] = False,
     distributed: Annotated[bool, typer.Option(help="Train data-parallel in the processes `accelerate launch` started.", rich_help_panel=TRAIN)] = False,
+    **options,
 ):
     """Train a model (defaults: the reference recipe, ResNet-50 at 224 px, SGD 0.01 -> x0.1 after epochs 16 and 19)."""
-    from whalefast.console import console
-    from whalefast.train import check_resume, load_config
-    from whalefast.train import fit as run
+    from whalefast.core.console import console
+    from whalefast.learn.trainer import fit as run
+    from whalefast.learn.trainer import interruption_note
 
-    options = _run(_with_recipe, ctx, {k: v for k, v in ctx.params.items() if k not in ("resume", "distributed")})
-    cfg = _run(_fit_config, **options)
-    if resume:
-        typed = {k: getattr(cfg, k) for k in _given(ctx) if k in options}
-        _run(check_resume, _run(load_config, cfg.run_dir, finished=False), typed)
+    cfg, typed = _fit_config(ctx)
     started = time.time()
     try:
-        _run(run, cfg, resume, distributed)
+        _run(run, cfg, resume, distributed, typed)
     except KeyboardInterrupt:
-        from whalefast.ensemble import MEMBERS_DIR
-
-        saved = [cfg.run_dir / "last.pth", *cfg.run_dir.glob(f"{MEMBERS_DIR}/*/last.pth")]
-        if any(last.is_file() and last.stat().st_mtime >= started for last in saved):
-            console.print(f"interrupted; continue with: whalefast fit --name {cfg.name} --models-dir {cfg.models_dir} --resume")
-        else:
-            console.print("interrupted before the first epoch ended; nothing was saved")
+        console.print(interruption_note(cfg, started))
         raise typer.Exit(130) from None
 
 
 @app.command("lr-find")
-def lr_find(
-    ctx: typer.Context,
-    data: DataOpt = Path("data"),
-    prepared: PreparedOpt = None,
-    recipe: RecipeOpt = "reference",
-    arch: ArchOpt = "resnet50",
-    method: MethodOpt = "softmax",
-    bs: BsOpt = 128,
-    size: SizeOpt = "224",
-    pretrained: PretrainedOpt = True,
-    name: NameOpt = None,
-    models_dir: ModelsDirOpt = Path("models"),
-    seed: SeedOpt = 42,
-    min_samples: MinSamplesOpt = None,
-    train_new_whale: NewWhaleOpt = False,
-    num_workers: WorkersOpt = None,
-):
+@with_training_options
+def lr_find(ctx: typer.Context, **options):
     """Run fastai's learning-rate finder; print the suggestions and save the plot as PNG (weights unchanged)."""
-    from whalefast.console import console, results, table
-    from whalefast.train import lr_find as run
+    from whalefast.core.console import console, results, table
+    from whalefast.learn.trainer import lr_find as run
 
-    cfg = _run(_fit_config, milestones="", **_run(_with_recipe, ctx, dict(ctx.params)))
+    cfg, _ = _fit_config(ctx)
     result = _run(run, cfg)
     results.print(table("Suggested learning rates", ["rule", "lr"], [[k, f"{v:.2e}"] for k, v in result["suggestions"].items()]))
     console.print(f"plot saved to {result['plot']}")
@@ -368,8 +334,8 @@ def submit(
     ] = True,
 ):
     """Write a Kaggle submission (Image,Id with five ids) for every photo in test/."""
-    from whalefast.console import results, table
-    from whalefast.submit import submit as run
+    from whalefast.core.console import results, table
+    from whalefast.stages.submit import submit as run
 
     s = _run(run, data, models_dir / model, out, tta, prepared)
     results.print(
@@ -396,11 +362,13 @@ def predict(
     sheet: Annotated[Path | None, typer.Option(help="Save a review sheet PNG: each photo beside a catalogue photo of each match.")] = None,
 ):
     """Rank the most likely whale ids for photos; unreadable photos are skipped and listed."""
-    from whalefast.console import console, results, table, warn
-    from whalefast.predict import predict as run
-    from whalefast.predict import review_sheet
+    from whalefast.core.console import console, results, table, warn
+    from whalefast.match.matcher import Matcher
+    from whalefast.stages.predict import predict as run
+    from whalefast.stages.predict import review_sheet
 
-    found = _run(run, images, models_dir / model, top)
+    matcher = _run(Matcher, models_dir / model)
+    found = _run(run, images, matcher, top)
     failed = [r for r in found if "error" in r]
     if as_json:
         _print_json(found)
@@ -413,7 +381,7 @@ def predict(
     if len(failed) == len(found):
         _fail(WhalefastError(f"none of the {len(found)} photos could be read"))
     if sheet:
-        path = _run(review_sheet, found, models_dir / model, sheet)
+        path = _run(review_sheet, found, matcher, sheet)
         console.print(f"review sheet saved to {path}")
 
 
@@ -424,8 +392,8 @@ def evaluate(
     train: Annotated[Path | None, typer.Option(help="train.csv whose ids are valid.", show_default="train.csv beside ANSWERS")] = None,
 ):
     """Score a submission: MAP@5 with its catalogued / new_whale breakdown."""
-    from whalefast.console import results, table
-    from whalefast.evaluate import evaluate as run
+    from whalefast.core.console import results, table
+    from whalefast.stages.evaluate import evaluate as run
 
     r = _run(run, submission, answers, train)
     results.print(
@@ -452,7 +420,7 @@ def demo(
     epochs: EpochsOpt = 6,
 ):
     """The main job on the embedded demo data: synth, boxes fit, prepare with its fluke crops, fit, submit, evaluate; prints IoU and MAP@5."""
-    from whalefast.demo import run_demo
+    from whalefast.stages.demo import run_demo
 
     _run(run_demo, data, models_dir, method=method, epochs=epochs)
 
@@ -461,14 +429,7 @@ def demo(
 def boxes_fit(
     boxes: Annotated[Path, typer.Option(help="Boxes CSV: Image,x0,y0,x1,y1 in pixels of photos in train/ or test/.", rich_help_panel=DATA)],
     data: DataOpt = Path("data"),
-    prepared: Annotated[
-        Path | None,
-        typer.Option(
-            help="Where the decoded-image cache goes (PREPARED/cache), e.g. when the data folder is read-only.",
-            show_default="DATA/prepared",
-            rich_help_panel=DATA,
-        ),
-    ] = None,
+    prepared: PreparedOpt = None,
     arch: ArchOpt = "efficientnet-lite0",
     size: Annotated[int, typer.Option(help="Square input size in pixels (the whole photo, squashed).", rich_help_panel=DATA)] = 96,
     epochs: EpochsOpt = 4,
@@ -481,8 +442,9 @@ def boxes_fit(
     models_dir: ModelsDirOpt = Path("models"),
 ):
     """Train a fluke box regressor (Adam one-cycle; flips, zooms and shifts move the box with the photo) and report held-out IoU."""
-    from whalefast.boxes import BoxConfig, fit_boxes
-    from whalefast.console import results, table
+    from whalefast.core.console import results, table
+    from whalefast.learn.boxes import fit_boxes
+    from whalefast.runs.config import BoxConfig
 
     cfg = BoxConfig(
         str(data), str(boxes), arch, size, epochs, bs, lr, valid_pct, seed, pretrained, name, str(models_dir), prepared=str(prepared) if prepared else None
@@ -511,8 +473,8 @@ def catalogue_add(
     models_dir: ModelsDirOpt = Path("models"),
 ):
     """Add newly identified photos (new whales or known ones) to an arcface model's catalogue; photos already there are left alone."""
-    from whalefast.catalogue import add_to_catalogue
-    from whalefast.console import results
+    from whalefast.core.console import results
+    from whalefast.match.catalogue import add_to_catalogue
 
     r = _run(add_to_catalogue, models_dir / model, csv, images, relabel)
     for move in r["relabelled"]:
@@ -527,10 +489,10 @@ def catalogue_add(
 @catalogue_app.command("show")
 def catalogue_show(model: ModelOpt, models_dir: ModelsDirOpt = Path("models")):
     """Summarise an arcface model's catalogue: ids, photos, embedding size."""
-    from whalefast.catalogue import load_catalogue, summarise
-    from whalefast.console import results, table
+    from whalefast.core.console import results, table
+    from whalefast.runs.folder import Run
 
-    s = summarise(_run(load_catalogue, models_dir / model))
+    s = _run(lambda: Run.open(models_dir / model).catalogue().summary())
     results.print(table(f"Catalogue of {model}", ["", "value"], [[k, v] for k, v in s.items()]))
 
 
@@ -549,6 +511,6 @@ def serve(
     ] = None,
 ):
     """Start the match-review web app: query photos beside their best candidates, decisions logged beside the model."""
-    from whalefast.serve import serve as run
+    from whalefast.review.app import serve as run
 
     _run(run, models_dir / model, host, port, allow_host or [])

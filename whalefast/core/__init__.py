@@ -1,0 +1,1 @@
+"""The core layer: errors, console, files, photos and sizes, the input spec, ranking maths. It imports no other layer."""

@@ -1,0 +1,92 @@
+"""Ranking ids for a photo and scoring rankings: MAP@5, the new_whale threshold, cosine and softmax id scores."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+NEW_WHALE_TARGET = -100  # the code of new_whale in targets and rankings (cross-entropy ignores it)
+
+
+def map5(ranked, targets) -> float:
+    """MAP@5: mean over rows of 1/k for the first position k (1..5) holding the row's target, 0 if absent."""
+    ranked, targets = torch.as_tensor(ranked)[:, :5], torch.as_tensor(targets)
+    if len(targets) == 0:
+        return 0.0
+    hits = (ranked == targets[:, None]).float()
+    weights = 1.0 / torch.arange(1, ranked.shape[1] + 1, device=hits.device, dtype=torch.float32)
+    return float((hits * weights).amax(dim=1).mean()) if ranked.shape[1] else 0.0
+
+
+def map5_labels(predictions: Sequence[Sequence[str]], truths: Sequence[str]) -> float:
+    """MAP@5 over label strings; a prediction may list fewer than five labels."""
+    if not truths:
+        return 0.0
+    total = 0.0
+    for predicted, truth in zip(predictions, truths):
+        for k, label in enumerate(list(predicted)[:5], start=1):
+            if label == truth:
+                total += 1.0 / k
+                break
+    return total / len(truths)
+
+
+def rank_with_new_whale(scores: torch.Tensor, threshold: float | None, k: int = 5) -> torch.Tensor:
+    """The top-k class indices per row with new_whale inserted before the first score below `threshold`."""
+    k_classes = min(k, scores.shape[1])
+    values, idx = scores.topk(k_classes, dim=1)
+    if threshold is None:
+        return idx
+    pad = torch.full((len(scores), 1), NEW_WHALE_TARGET, dtype=idx.dtype, device=idx.device)
+    idx, values = torch.cat([idx, pad], 1), torch.cat([values, torch.full_like(values[:, :1], -float("inf"))], 1)
+    position = (values >= threshold).sum(dim=1, keepdim=True)  # where new_whale goes
+    j = torch.arange(k_classes + 1, device=idx.device)[None, :]
+    shifted = torch.cat([idx[:, :1], idx[:, :-1]], 1)
+    out = torch.where(j < position, idx, torch.where(j == position, torch.full_like(idx, NEW_WHALE_TARGET), shifted))
+    return out[:, :k]
+
+
+def calibrate_threshold(scores: torch.Tensor, targets: torch.Tensor, candidates: torch.Tensor | None = None) -> tuple[float, float]:
+    """The new_whale threshold that maximises MAP@5 on (scores, targets), and that MAP@5."""
+    if candidates is None:
+        top = scores.max(dim=1).values
+        quantiles = torch.quantile(top.float(), torch.linspace(0, 1, 41, device=top.device)) if len(top) else top
+        candidates = torch.cat([quantiles, torch.linspace(float(scores.min()), float(scores.max()) + 1e-6, 41, device=scores.device)])
+    best = (float(candidates[0]), -1.0)
+    for t in torch.unique(candidates).tolist():
+        score = map5(rank_with_new_whale(scores, t), targets)
+        if score > best[1] + 1e-12:
+            best = (t, score)
+    return best
+
+
+def score_validation(scores: torch.Tensor, targets: torch.Tensor, new_whale_class: int | None = None) -> tuple[float | None, float, float]:
+    """(new_whale threshold, MAP@5, top-1) of validation scores ranked as submit ranks them.
+
+    new_whale comes in by the threshold that maximises MAP@5 on these rows, or, where it was trained
+    as a class (`new_whale_class`), as that class.
+    """
+    if new_whale_class is not None:
+        ranked = scores.topk(min(5, scores.shape[1]), 1).indices
+        return None, map5(ranked, targets), float((ranked[:, 0] == targets).float().mean())
+    threshold, score = calibrate_threshold(scores, targets)
+    return threshold, score, float((rank_with_new_whale(scores, threshold)[:, 0] == targets).float().mean())
+
+
+def softmax_scores(logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities of a classifier's logits."""
+    return F.softmax(logits.float(), dim=1)
+
+
+def photo_similarities(queries: torch.Tensor, catalogue: torch.Tensor) -> torch.Tensor:
+    """(queries, catalogue photos) cosine similarities."""
+    return F.normalize(queries.float(), dim=1) @ F.normalize(catalogue.float().to(queries.device), dim=1).T
+
+
+def cosine_id_scores(queries: torch.Tensor, catalogue: torch.Tensor, labels: torch.Tensor, n_ids: int) -> torch.Tensor:
+    """Per id, the cosine similarity of each query to that id's nearest catalogue photo (-2 where an id has none)."""
+    sims = photo_similarities(queries, catalogue)
+    scores = torch.full((len(queries), n_ids), -2.0, device=sims.device)
+    return scores.scatter_reduce(1, labels.to(sims.device)[None].expand(len(queries), -1), sims, reduce="amax", include_self=True)

@@ -1,0 +1,191 @@
+"""The trainer's callbacks, each with one job: stop a diverging run, start the run folder, write history, keep checkpoints, step the lr.
+
+They read the epoch's figures by name from fastai's Recorder, and run after it (Recorder.order) in the
+order listed here, each placed after the one it follows (`run_after`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from fastai.callback.core import Callback
+from fastai.learner import Recorder
+from fastcore.basics import store_attr
+
+from whalefast.core.console import console
+from whalefast.core.errors import WhalefastError
+from whalefast.core.files import save_torch, write_csv, write_json
+from whalefast.learn.curves import plot_curves
+from whalefast.learn.distributed import is_main_process
+from whalefast.learn.state import optimizer_state, rng_state
+from whalefast.nets.forward import unwrap
+
+
+def logged(recorder: Recorder) -> dict:
+    """The figures the Recorder logged for this epoch, by name (train_loss, valid_loss, map5, top1, ...)."""
+    return dict(zip(recorder.metric_names, recorder.log))
+
+
+def body_and_head(lr: float, head_lr_mult: float = 1.0):
+    """fastai's per-group learning rates: `lr` for the body, `lr * head_lr_mult` for the head."""
+    return lr if head_lr_mult == 1 else slice(lr, lr * head_lr_mult)
+
+
+class StepSchedule(Callback):
+    """Set lr = base_lr * gamma ** (milestones passed) at the start of every epoch (torch's MultiStepLR).
+
+    With `head_lr_mult`, the head's parameter group gets that many times the body's lr.
+    """
+
+    order = Recorder.order - 45
+
+    def __init__(self, base_lr: float = 0.01, milestones: tuple[int, ...] = (16, 19), gamma: float = 0.1, head_lr_mult: float = 1.0):
+        store_attr()
+        self.lrs: list[float] = []
+
+    def lr_at(self, epoch: int) -> float:
+        return self.base_lr * self.gamma ** sum(epoch >= m for m in self.milestones)
+
+    def before_fit(self):
+        self.lrs = []
+
+    def before_epoch(self):
+        lr = self.lr_at(self.epoch)
+        self.opt.set_hyper("lr", body_and_head(lr, self.head_lr_mult))
+        self.lrs.append(lr)
+
+
+class AfterEachEpoch(Callback):
+    """A callback that acts once an epoch has run (not one that resuming skipped): it defines `epoch_done`."""
+
+    def before_epoch(self):
+        self.skipped = False
+
+    def after_cancel_epoch(self):
+        self.skipped = True
+
+    def after_epoch(self):
+        if not self.skipped:
+            self.epoch_done()
+
+    def epoch_done(self):
+        raise NotImplementedError
+
+
+class StopOnNonFiniteLoss(AfterEachEpoch):
+    """Stop with a one-line error naming the epoch when the loss stops being a finite number (a diverging run)."""
+
+    run_after, order = Recorder, Recorder.order + 5  # once the epoch is logged, before anything is saved
+
+    def __init__(self, lr: float):
+        self.lr = lr
+
+    def before_epoch(self):
+        super().before_epoch()
+        self.bad = None
+
+    def after_loss(self):
+        # Accumulated on the device and read once per epoch: no host sync per batch.
+        bad = ~torch.isfinite(self.learn.loss.detach()).all()
+        self.bad = bad if self.bad is None else self.bad | bad
+
+    def epoch_done(self):
+        if self.bad is not None and bool(self.bad):
+            raise WhalefastError(
+                f"training diverged in epoch {self.epoch}: the loss is no longer a finite number; try a lower --lr (this run used {self.lr:g})"
+            )
+
+
+class StartRunFolder(AfterEachEpoch):
+    """When the first epoch ends, write the run folder's first files (Run.start_files: status "training" first).
+
+    Until then nothing is written, so a run that fails before its first epoch ends leaves nothing
+    behind, and an earlier run of the same name stays whole; from then on the folder says it holds a
+    run in training until calibration marks it finished. `files` maps a path to its JSON content.
+    """
+
+    run_after, order = StopOnNonFiniteLoss, StopOnNonFiniteLoss.order + 5
+
+    def __init__(self, files: dict[Path, dict]):
+        self.files = dict(files)
+
+    def epoch_done(self):
+        if is_main_process():
+            for path, content in self.files.items():
+                write_json(content, path)
+        self.files = {}
+
+
+def _number(value) -> float:
+    """A logged figure as a float; NaN where the epoch has none (see fit --map-every)."""
+    return float("nan") if value is None else float(value)
+
+
+class History(AfterEachEpoch):
+    """Write history.csv after every epoch (train/valid loss, MAP@5, top-1, lr, seconds) and redraw curves.png."""
+
+    run_after, order = StartRunFolder, StartRunFolder.order + 5
+
+    def __init__(self, history: Path, curves: Path, previous: pd.DataFrame | None = None):
+        self.history, self.curves = Path(history), Path(curves)
+        self.rows = [] if previous is None else previous.to_dict("records")
+
+    def before_fit(self):
+        self.train_batches = 0
+
+    def after_batch(self):
+        self.train_batches += int(self.training)
+
+    def before_epoch(self):
+        super().before_epoch()
+        self.start = time.time()
+
+    def epoch_done(self):
+        values = logged(self.recorder)
+        if "valid_loss" not in values:
+            return
+        row = {
+            "epoch": self.epoch,
+            "train_loss": _number(values.get("train_loss")),
+            "valid_loss": _number(values.get("valid_loss")),
+            "map5": _number(values.get("map5")),
+            "top1": _number(values.get("top1")),
+            "lr": float(self.opt.hypers[0]["lr"]),  # the body's (the head's is head_lr_mult times it)
+            "seconds": round(time.time() - self.start, 2),
+        }
+        self.rows = [r for r in self.rows if r["epoch"] != self.epoch] + [row]
+        if is_main_process():
+            history = pd.DataFrame(self.rows)
+            write_csv(history, self.history)
+            plot_curves(history, self.curves)
+
+
+class Checkpoints(AfterEachEpoch):
+    """Keep the weights of the epoch with the best validation loss and, every epoch, the state to resume from."""
+
+    run_after, order = History, History.order + 1
+
+    def __init__(self, weights: Path, resume: Path | None = None, best_loss: float = float("inf"), best_epoch: int = -1):
+        self.weights, self.resume, self.best_loss, self.best_epoch = Path(weights), resume, best_loss, best_epoch
+
+    def epoch_done(self):
+        valid_loss = float(logged(self.recorder).get("valid_loss", float("inf")))
+        main = is_main_process()
+        if valid_loss < self.best_loss or self.best_epoch < 0:
+            self.best_loss, self.best_epoch = valid_loss, self.epoch
+            if main:
+                save_torch(unwrap(self.model).state_dict(), self.weights)
+                console.print(f"better model at epoch {self.epoch}: valid_loss {valid_loss:.4f}")
+        if main and self.resume is not None:
+            state = {
+                "model": unwrap(self.model).state_dict(),
+                "opt": optimizer_state(self.opt),
+                "epoch": self.epoch,
+                "best_loss": self.best_loss,
+                "best_epoch": self.best_epoch,
+                "rng": rng_state(self.dls),
+            }
+            save_torch(state, self.resume)

@@ -1,0 +1,63 @@
+"""A trained fluke box model, loaded once: boxes in pixels for whole photos, for prepare --boxes MODEL and for new photos."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from whalefast.core.errors import WhalefastError
+from whalefast.core.files import load_saved
+from whalefast.core.images import load_image, photo_size
+from whalefast.data.boxes_csv import BOX_COLUMNS
+from whalefast.data.prepared import whole_photo_cache
+from whalefast.nets.forward import default_device
+from whalefast.nets.heads import BoxHead, predict_fractions
+from whalefast.nets.registry import build_model, get_arch
+from whalefast.runs.folder import BOXES, Run
+
+
+def check_box_model(run_dir: str | os.PathLike) -> Run:
+    """The finished box model in `run_dir`, or a one-line error saying what it is instead."""
+    run = Run.open(run_dir, kind=BOXES)
+    if not (run / Run.WEIGHTS).is_file():
+        raise WhalefastError(f"{run / Run.WEIGHTS}: not found; run `whalefast boxes fit --name {run.name}` again")
+    return run
+
+
+class BoxModel:
+    """A trained box regressor, loaded once (eval mode): fluke boxes in pixels for whole photos."""
+
+    def __init__(self, run_dir: str | os.PathLike, device: torch.device | None = None):
+        run = check_box_model(run_dir)
+        self.cfg = run.settings
+        model = build_model(self.cfg.arch, 4, head=BoxHead(get_arch(self.cfg.arch).features))
+        model.load_state_dict(load_saved(run / Run.WEIGHTS, "box model"))
+        self.device = device or default_device()
+        self.model = model.to(self.device).eval()
+
+    def boxes(self, paths: list[Path], arrays=None) -> np.ndarray:
+        """(N, 4) boxes (x0, y0, x1, y1) in pixels of each photo; `arrays` are the photos already decoded at the model's size."""
+        if arrays is None:
+            arrays = [load_image(p, (self.cfg.size, self.cfg.size)) for p in paths]
+        fractions = predict_fractions(self.model, arrays, self.device).numpy()
+        sizes = np.array([photo_size(p) for p in paths], dtype=float).reshape(-1, 2)
+        return fractions * np.concatenate([sizes, sizes], axis=1)
+
+
+def predict_boxes(
+    box_model: BoxModel | str | os.PathLike, folder: str | os.PathLike, names: list[str], cache_dir: str | os.PathLike | None = None
+) -> pd.DataFrame:
+    """Predicted boxes (Image,x0,y0,x1,y1 in pixels) for photos in `folder`; with `cache_dir`, unreadable photos are left out."""
+    model = box_model if isinstance(box_model, BoxModel) else BoxModel(box_model)
+    folder = Path(folder)
+    arrays = None
+    if cache_dir is not None:
+        images = whole_photo_cache(folder, names, model.cfg.size, Path(cache_dir))
+        names = [n for n in names if n not in images.problems]
+        arrays = [images[n] for n in names]
+    pixels = model.boxes([folder / n for n in names], arrays)
+    return pd.DataFrame({"Image": names, **{c: pixels[:, i] for i, c in enumerate(BOX_COLUMNS)}})

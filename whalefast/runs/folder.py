@@ -1,0 +1,184 @@
+"""A run folder (models/NAME/): the only code that knows its file names, and whether the run in it finished.
+
+status.json is written first when training starts ("training") and last when it ends ("finished"):
+a fit or boxes fit that is killed, or stopped by a full disk, leaves a folder that commands using a
+model refuse with one line saying how to continue, instead of reading a mix of old and new files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import asdict
+from functools import cached_property
+from pathlib import Path
+
+import pandas as pd
+from torch import nn
+
+from whalefast.core.errors import WhalefastError
+from whalefast.core.files import load_saved, write_json
+from whalefast.core.spec import InputSpec
+from whalefast.nets.registry import build_model
+from whalefast.nets.views import Ensemble
+from whalefast.runs.catalogue import Catalogue
+from whalefast.runs.config import MEMBERS_DIR, BoxConfig, FitConfig, Learnt, legacy_input_spec, member_config
+from whalefast.runs.methods import Method, get_method
+
+WHALES, BOXES = "whales", "boxes"
+TRAINING, FINISHED = "training", "finished"
+
+
+class Run:
+    """The folder of one training run (a whale model or a box model), loaded lazily and at most once per command."""
+
+    CONFIG, LEARNT, INPUT, STATUS = "config.json", "learnt.json", "input.json", "status.json"
+    WEIGHTS, RESUME, CATALOGUE, CALIBRATION = "model.pth", "last.pth", "catalogue.pt", "calibration.json"
+    HISTORY, CURVES, LR_FIND, BOX_METRICS = "history.csv", "curves.png", "lr_find.png", "metrics.json"
+    LAST_WRITTEN = {WHALES: CALIBRATION, BOXES: BOX_METRICS}  # what a run from before status.json wrote last
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, kind: str = WHALES, finished: bool = True) -> Run:
+        """The run in `path`, or a one-line error: no such folder (naming the runs beside it), another kind of model, or (with `finished`) a run that did not finish."""
+        run = cls(path)
+        if not run.path.is_dir():
+            parent = run.path.parent
+            runs = sorted(p.name for p in parent.iterdir() if (p / cls.CONFIG).is_file()) if parent.is_dir() else []
+            found = f"runs in {parent}: {', '.join(runs)}" if runs else f"no runs in {parent}"
+            raise WhalefastError(f"{run.path}: no such model ({found})")
+        if not (run / cls.CONFIG).is_file():
+            raise WhalefastError(f"{run.path}: {run.unfinished_text()}")
+        if run.kind != kind:
+            noun = "a box model (train one with `whalefast boxes fit`)" if kind == BOXES else "a whale model"
+            raise WhalefastError(f"{run.path}: a {run.kind} model, not {noun}")
+        if finished and not run.is_finished():
+            raise WhalefastError(f"{run.path}: {run.unfinished_text()}")
+        return run
+
+    # What the folder holds
+
+    @cached_property
+    def raw_config(self) -> dict:
+        try:
+            return json.loads((self / self.CONFIG).read_text())
+        except (OSError, ValueError):
+            raise WhalefastError(f"{self / self.CONFIG}: not a whalefast run configuration, or damaged") from None
+
+    @property
+    def kind(self) -> str:
+        return self.raw_config.get("kind", WHALES)
+
+    @cached_property
+    def settings(self) -> FitConfig | BoxConfig:
+        """What the user chose (config.json)."""
+        config = BoxConfig if self.kind == BOXES else FitConfig
+        return config(**{k: v for k, v in self.raw_config.items() if k in config.__dataclass_fields__})
+
+    @cached_property
+    def learnt(self) -> Learnt:
+        """What the run learnt from its data (learnt.json; config.json in runs from before it)."""
+        path = self / self.LEARNT
+        raw = json.loads(path.read_text()) if path.is_file() else self.raw_config
+        return Learnt(**{k: v for k, v in raw.items() if k in Learnt.__dataclass_fields__})
+
+    @cached_property
+    def spec(self) -> InputSpec:
+        """What a photo becomes before the network sees it (input.json; resolved from config.json in runs from before it)."""
+        if self.kind == BOXES:
+            return self.settings.spec
+        path = self / self.INPUT
+        return InputSpec.from_json(json.loads(path.read_text())) if path.is_file() else legacy_input_spec(self.raw_config)
+
+    @cached_property
+    def method(self) -> Method:
+        return get_method(self.settings.method)
+
+    @cached_property
+    def calibration(self) -> dict:
+        path = self / self.CALIBRATION
+        return json.loads(path.read_text()) if path.is_file() else {"threshold": None}
+
+    @property
+    def threshold(self) -> float | None:
+        return self.calibration.get("threshold")
+
+    def network(self) -> nn.Module:
+        """The trained network (an ensemble's members combined), with its best weights, in eval mode on the CPU."""
+        weights = self / self.WEIGHTS
+        if not weights.is_file():
+            raise WhalefastError(f"{weights}: not found; did `whalefast fit --name {self.name}` finish?")
+        network = whale_network(self.settings, len(self.learnt.vocab))
+        try:
+            network.load_state_dict(load_saved(weights, "model"))
+        except RuntimeError:  # weights of other settings, or a folder missing its learnt.json
+            raise WhalefastError(f"{weights}: does not fit the settings in {self / self.CONFIG} ({len(self.learnt.vocab)} ids); fit it again") from None
+        return network.eval()
+
+    def catalogue(self) -> Catalogue:
+        """The catalogue of an arcface run."""
+        if not self.method.has_catalogue:
+            raise WhalefastError(f"{self.path}: a {self.method.name} model has no catalogue; only arcface models (fit --method arcface) have one")
+        return Catalogue.load(self / self.CATALOGUE)
+
+    def save_catalogue(self, catalogue: Catalogue) -> None:
+        catalogue.save(self / self.CATALOGUE)
+
+    def member(self, index: int) -> Run:
+        return Run(self.path / MEMBERS_DIR / str(index))
+
+    # Training state
+
+    def start_files(self, config: dict, learnt: Learnt | None = None, spec: InputSpec | None = None) -> dict[Path, dict]:
+        """The files a new run writes when its first epoch ends, in order: status (training) first, then what it is."""
+        files = {self / self.STATUS: {"state": TRAINING}, self / self.CONFIG: config}
+        if learnt is not None:
+            files[self / self.LEARNT] = asdict(learnt)
+        if spec is not None:
+            files[self / self.INPUT] = spec.to_json()
+        return files
+
+    def mark_finished(self) -> None:
+        write_json({"state": FINISHED}, self / self.STATUS)
+
+    def is_finished(self) -> bool:
+        """Whether the run finished; a run from before status.json finished where its last file exists."""
+        path = self / self.STATUS
+        if not path.is_file():
+            return (self / self.LAST_WRITTEN[self.kind if (self / self.CONFIG).is_file() else WHALES]).is_file()
+        try:
+            return json.loads(path.read_text()).get("state") == FINISHED
+        except (ValueError, AttributeError):
+            return False
+
+    def is_resumable(self) -> bool:
+        return (self / self.CONFIG).is_file() and ((self / self.RESUME).is_file() or any(self.path.glob(f"{MEMBERS_DIR}/*/{self.RESUME}")))
+
+    def unfinished_text(self) -> str:
+        """What an unfinished run folder holds and what to do about it, for an error message."""
+        if (self / self.CONFIG).is_file() and self.kind == BOXES:
+            return f"its boxes fit did not finish; run `whalefast boxes fit --name {self.name}` again"
+        done = ""
+        with contextlib.suppress(Exception):
+            done = f" after {len(pd.read_csv(self / self.HISTORY).epoch.unique())} epochs"
+        if self.is_resumable():
+            return f"its fit stopped{done} and did not finish; continue it with `whalefast fit --name {self.name} --models-dir {self.path.parent} --resume`"
+        return f"a fit that stopped{done} left no weights to resume; fit it again"
+
+
+def whale_network(cfg: FitConfig, n_classes: int) -> nn.Module:
+    """The network (or ensemble of networks) of a run with these settings, uninitialised, in the layout its checkpoint was saved from."""
+    method = get_method(cfg.method)
+    if cfg.members > 1:
+        return Ensemble([whale_network(member_config(cfg, i), n_classes) for i in range(cfg.members)], method.combine)
+    return build_model(cfg.arch, n_classes, head=method.head(cfg, n_classes))

@@ -1,0 +1,191 @@
+"""Training methods, each whole in one class: a softmax classifier over ids, or ArcFace embeddings ranked by nearest catalogue photo.
+
+A method owns its head and loss, how a network's views combine, how outputs become id scores, whether
+it keeps a catalogue, and how validation is scored (the same way during training, at calibration and
+at submit). Adding a method means adding a class here and a name to METHODS.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from fastai.callback.core import Callback
+from fastai.learner import Recorder
+from fastai.metrics import ValueMetric
+from torch import nn
+
+from whalefast import NEW_WHALE
+from whalefast.core.errors import WhalefastError
+from whalefast.core.ranking import NEW_WHALE_TARGET, score_validation, softmax_scores
+from whalefast.core.spec import InputSpec
+from whalefast.data.loaders import TrainingData
+from whalefast.data.prepared import training_photos
+from whalefast.nets.forward import embed, unwrap
+from whalefast.nets.heads import EmbeddingHead
+from whalefast.nets.losses import ArcFaceCriterion, MaskedCrossEntropy
+from whalefast.nets.registry import get_arch
+from whalefast.nets.views import Combine, average_probabilities, concatenate_unit
+from whalefast.runs.catalogue import Catalogue
+from whalefast.runs.config import FitConfig
+
+
+class Known:
+    """Labelled photos (rows of prepare's split) and their unit embeddings: the training photos a validation photo is ranked against, or a final catalogue."""
+
+    def __init__(self, rows: pd.DataFrame, embeddings: torch.Tensor):
+        self.rows, self.embeddings = rows, embeddings
+
+
+class Method:
+    """What a training method decides; see Softmax and ArcFace."""
+
+    name: str
+    has_catalogue: bool
+    combine: Combine
+
+    def head(self, cfg: FitConfig, n_classes: int) -> nn.Module | None:
+        """The head on the backbone (None: fastai's classifier head)."""
+        raise NotImplementedError
+
+    def loss(self, head: nn.Module | None) -> nn.Module:
+        raise NotImplementedError
+
+    def id_scores(self, outputs: torch.Tensor, catalogue: Catalogue | None) -> torch.Tensor:
+        """(photos, ids) scores for the network's outputs."""
+        raise NotImplementedError
+
+    def known(self, network: nn.Module, spec: InputSpec, data: TrainingData, bs: int, validation_too: bool = True) -> Known | None:
+        """The labelled photos validation ranks against (with `validation_too`, the held-out ones as well: the final catalogue); None without a catalogue."""
+        return None
+
+    def validation_id_scores(self, network: nn.Module, spec: InputSpec, data: TrainingData, bs: int, known: Known | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def catalogue(self, known: Known | None, vocab: list[str], data_dir: str | Path) -> Catalogue | None:
+        """The catalogue a finished run keeps (None without one)."""
+        return None
+
+    def known_photos(self, cfg: FitConfig, catalogue: Catalogue | None) -> list[tuple[Path, str]]:
+        """(photo, id) of the photos shown beside a candidate: the catalogue's, or the training photos."""
+        return catalogue.known_photos() if catalogue is not None else training_photos(cfg.data, cfg.prepared_dir)
+
+    def embed(self, network: nn.Module, arrays, spec: InputSpec, bs: int = 64, device=None, progress=None) -> torch.Tensor:
+        """The network's outputs for photos, over the spec's views (nets.forward.embed: the one path)."""
+        return embed(network, arrays, spec, self.combine, bs=bs, device=device, progress=progress)
+
+    def score_validation(
+        self, network: nn.Module, spec: InputSpec, data: TrainingData, bs: int, known: Known | None = None
+    ) -> tuple[float | None, float, float]:
+        """(new_whale threshold, MAP@5, top-1) on the validation photos, ranked as submit ranks."""
+        scores = self.validation_id_scores(network, spec, data, bs, known)
+        return score_validation(scores, validation_targets(data), new_whale_class(data.vocab))
+
+
+def validation_targets(data: TrainingData) -> torch.Tensor:
+    """The class each validation photo should rank first (NEW_WHALE_TARGET for unseen whales)."""
+    encoder = {v: i for i, v in enumerate(data.vocab)}
+    new_whale_code = encoder.get(NEW_WHALE, NEW_WHALE_TARGET)
+    return torch.tensor([encoder.get(t, new_whale_code) for t in data.items[data.items.is_valid].target])
+
+
+def new_whale_class(vocab: list[str]) -> int | None:
+    """The class of new_whale where it was trained as one (fit --train-new-whale), else None: a threshold places it."""
+    return vocab.index(NEW_WHALE) if NEW_WHALE in vocab else None
+
+
+def _valid_photos(data: TrainingData) -> list:
+    return [data.images[n] for n in data.items[data.items.is_valid].Image]
+
+
+class Softmax(Method):
+    """A classifier over the training ids (the reference); new_whale by a threshold on the top probability, or as a class."""
+
+    name, has_catalogue = "softmax", False
+    combine = staticmethod(average_probabilities)
+
+    def head(self, cfg, n_classes):
+        return None
+
+    def loss(self, head):
+        return MaskedCrossEntropy()
+
+    def id_scores(self, outputs, catalogue):
+        return softmax_scores(outputs)
+
+    def validation_id_scores(self, network, spec, data, bs, known=None):
+        return softmax_scores(self.embed(network, _valid_photos(data), spec, bs)).cpu()
+
+
+class ArcFace(Method):
+    """Embeddings trained with an additive angular margin; a photo scores each id by its nearest catalogue photo."""
+
+    name, has_catalogue = "arcface", True
+    combine = staticmethod(concatenate_unit)
+
+    def head(self, cfg, n_classes):
+        return EmbeddingHead(get_arch(cfg.arch).features, cfg.embed_dim, n_classes, cfg.margin, cfg.scale, cfg.sub_centers, cfg.parts)
+
+    def loss(self, head):
+        return ArcFaceCriterion(head)
+
+    def id_scores(self, outputs, catalogue):
+        return catalogue.scores(outputs)
+
+    def known(self, network, spec, data, bs, validation_too=True):
+        items = data.items
+        rows = items[(items.Id != NEW_WHALE) & (validation_too | ~items.is_valid)]
+        embeddings = self.embed(network, [data.images[n] for n in rows.Image], spec, bs)
+        return Known(rows, F.normalize(embeddings.float(), dim=1))
+
+    def validation_id_scores(self, network, spec, data, bs, known=None):
+        """Ranked against a catalogue of the training photos alone, so no validation photo finds itself."""
+        known = known or self.known(network, spec, data, bs, validation_too=False)
+        encoder = {v: i for i, v in enumerate(data.vocab)}
+        train = torch.tensor((~known.rows.is_valid & known.rows.Id.isin(encoder)).to_numpy())
+        labels = torch.tensor([encoder[i] for i in known.rows.Id[train.numpy()]])
+        outputs = self.embed(network, _valid_photos(data), spec, bs)
+        catalogue = Catalogue(known.embeddings[train.to(known.embeddings.device)], labels, list(data.vocab), [], [])
+        return catalogue.scores(outputs).cpu()
+
+    def catalogue(self, known, vocab, data_dir):
+        """Every labelled clean photo, the validation ones included: validation has done its job by now, and a whale whose only photos were held out must still be findable."""
+        photos = [Path(data_dir) / "train" / n for n in known.rows.Image]
+        return Catalogue.build(known.embeddings, vocab, known.rows.Id.tolist(), photos)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (Softmax(), ArcFace())}
+
+
+def get_method(name: str) -> Method:
+    """The method `name`, or a one-line error listing the valid names."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise WhalefastError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}") from None
+
+
+class ValidationMAP(Callback):
+    """Validation MAP@5 and top-1, ranked as submit ranks, every `every` epochs and at the last: the `map5` and `top1` metrics.
+
+    Scored by the method's own validation path with the run's views, as calibration scores it. Between
+    those epochs the metrics are empty: embedding every training photo takes 6-12 s of a 50-80 s
+    epoch on 2 CPU cores (the flukes recipe).
+    """
+
+    order = Recorder.order - 60  # before validation starts, so the Recorder logs the values this epoch
+
+    def __init__(self, method: Method, spec: InputSpec, data: TrainingData, bs: int, every: int = 1):
+        self.method, self.spec, self.data, self.bs, self.every = method, spec, data, bs, every
+        self.map5 = self.top1 = None
+
+    def before_validate(self):
+        self.map5 = self.top1 = None
+        if (self.epoch + 1) % self.every and self.epoch + 1 < self.n_epoch:
+            return
+        _, self.map5, self.top1 = self.method.score_validation(unwrap(self.model), self.spec, self.data, self.bs)
+
+    def metrics(self) -> list[ValueMetric]:
+        return [ValueMetric(lambda: self.map5, "map5"), ValueMetric(lambda: self.top1, "top1")]

@@ -1,0 +1,49 @@
+"""Named training recipes: FitConfig settings that belong together, chosen with `fit --recipe NAME`.
+
+Options typed on the command line override the recipe's values.
+"""
+
+from __future__ import annotations
+
+from whalefast.core.errors import WhalefastError
+
+RECIPES: dict[str, dict] = {
+    # The course report's recipe, as FitConfig's defaults give it: ResNet-50 at 224 px, softmax over ids,
+    # SGD with momentum, lr 0.01 x0.1 after epochs 16 and 19, random horizontal and vertical flips.
+    "reference": {},
+    # Real fluke photos on a CPU (bench/real_flukes.py): ArcFace embeddings and nearest catalogue
+    # photos; efficientnet-lite0 (ImageNet weights that work offline) on aspect-true 112x224 crops in
+    # grey, never mirrored (augment="fluke"); the features' left and right halves, upper half and
+    # trailing edge embedded and trained on their own beside the whole (parts=2); no oversampling, so an
+    # epoch is one pass over the photos; Adam with one-cycle; validation MAP@5 every 4th epoch and at
+    # the last; each photo seen at 96x192, 112x224 and 128x256 at inference (tta_scales). Test MAP@5
+    # on the real flukes: bench/RESULTS.md.
+    "flukes": dict(
+        arch="efficientnet-lite0",
+        method="arcface",
+        size=(112, 224),
+        bs=32,
+        epochs=12,
+        lr=2e-3,
+        head_lr_mult=5.0,
+        opt="adam",
+        schedule="one-cycle",
+        augment="fluke",
+        grey=True,
+        min_samples=1,
+        embed_dim=512,
+        margin=0.4,
+        scale=30.0,
+        parts=2,
+        map_every=4,
+        tta_scales=(6 / 7, 1.0, 8 / 7),
+    ),
+}
+
+
+def recipe(name: str) -> dict:
+    """The settings of recipe `name`, or a one-line error listing the recipes."""
+    try:
+        return dict(RECIPES[name])
+    except KeyError:
+        raise WhalefastError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}") from None
