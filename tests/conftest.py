@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import sqlite3
 from pathlib import Path
 
 import pandas as pd
@@ -120,12 +121,43 @@ def catalogue_of():
     return lambda run_dir: Run.open(run_dir).catalogue()
 
 
+def _copy_run(source: Path, target: Path) -> Path:
+    """A copy of the run folder `source` at `target`, with its models folder's catalogue database (copied by SQLite's backup)."""
+    shutil.copytree(source, target)
+    database = source.parent / "catalogue.db"
+    if database.is_file():
+        with sqlite3.connect(database) as src, sqlite3.connect(target.parent / "catalogue.db") as dst:
+            src.backup(dst)
+    return target
+
+
+@pytest.fixture(scope="session")
+def copy_run():
+    """copy_run(source, target): a private copy of a run folder and its catalogue database, to change."""
+    return _copy_run
+
+
+@pytest.fixture(scope="session")
+def review_log():
+    """review_log(run_dir): the review decisions of a run, as its review log lists them (read from the catalogue database)."""
+
+    def read(run_dir: Path) -> pd.DataFrame:
+        from whalefast.review.logic import LOG_COLUMNS
+
+        database = Path(run_dir).parent / "catalogue.db"
+        if not database.is_file():
+            return pd.DataFrame(columns=LOG_COLUMNS)
+        with sqlite3.connect(database) as db:
+            rows = pd.read_sql("SELECT * FROM decisions ORDER BY id", db)
+        return rows.drop(columns="id").rename(columns={"individual": "id"})[LOG_COLUMNS]
+
+    return read
+
+
 @pytest.fixture
 def arc_run(tiny_arcface, tmp_path):
     """A private copy of the tiny arcface run, in tmp_path/models/arcface (reviews and additions change its catalogue)."""
-    run_dir = tmp_path / "models" / "arcface"
-    shutil.copytree(tiny_arcface[0], run_dir)
-    return run_dir
+    return _copy_run(tiny_arcface[0], tmp_path / "models" / "arcface")
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,3 @@
-import shutil
-
 import pandas as pd
 import pytest
 import torch
@@ -45,11 +43,11 @@ def test_tiny_arcface_fit_learns(tiny_arcface, tiny_data, baseline_map5, catalog
     assert cat.embeddings.shape[1] == 64 and len(cat.photos) == cat.embeddings.shape[0]
 
 
-def test_catalogue_add_makes_a_new_whale_findable(tiny_arcface, tmp_path, catalogue_of):
+def test_catalogue_add_makes_a_new_whale_findable(tiny_arcface, tmp_path, catalogue_of, copy_run):
     from whalefast.data.synth import fluke_template, render_photo
 
     run_dir = tmp_path / "arcface"
-    shutil.copytree(tiny_arcface[0], run_dir)  # the session's model stays as it was
+    copy_run(tiny_arcface[0], run_dir)  # the session's model stays as it was
     template = fluke_template(seed=99, individual=12345)  # an individual the model never saw
     (tmp_path / "new").mkdir()
     (tmp_path / "new" / "first.jpg").write_bytes(render_photo(template, 1)[0])
@@ -63,20 +61,23 @@ def test_catalogue_add_makes_a_new_whale_findable(tiny_arcface, tmp_path, catalo
     assert ranked[0]["id"] == "w_newbie"
 
 
-def test_only_models_trained_on_mirror_images_average_with_the_mirror(tiny_arcface, tmp_path):
+def test_only_models_trained_on_mirror_images_average_with_the_mirror(tiny_arcface, tmp_path, copy_run):
     import json
 
     import numpy as np
 
     photos = np.random.default_rng(0).integers(0, 256, size=(3, 48, 96, 3), dtype=np.uint8)
     reference = Matcher(tiny_arcface[0])  # trained with random flips: averages each photo with its mirror image
-    assert reference.spec.mirror and not torch.allclose(reference.scores(photos), Matcher(tiny_arcface[0], tta=False).scores(photos))
+    unmirrored = Matcher(tiny_arcface[0], tta=False).outputs(photos)
+    assert reference.spec.mirror and not torch.allclose(reference.outputs(photos), unmirrored)
     run_dir = tmp_path / "fluke"
-    shutil.copytree(tiny_arcface[0], run_dir)
+    copy_run(tiny_arcface[0], run_dir)
     spec = json.loads((run_dir / "input.json").read_text())
     (run_dir / "input.json").write_text(json.dumps({**spec, "mirror": False}))  # as if trained never mirrored
-    fluke = Matcher(run_dir)
-    assert torch.equal(fluke.scores(photos), Matcher(tiny_arcface[0], tta=False).scores(photos))
+    fluke = Matcher(run_dir)  # another input spec: another model to the catalogue, which it embeds anew
+    assert torch.equal(fluke.outputs(photos), unmirrored)
+    assert len(fluke.catalogue) == len(reference.catalogue) and fluke.model != reference.model
+    assert not torch.allclose(fluke.catalogue.embeddings.float(), reference.catalogue.embeddings.float(), atol=1e-3)  # its own, unmirrored
 
 
 def test_the_training_time_map5_is_scored_as_calibration_scores_it(tiny_arcface, tiny_data):
@@ -95,3 +96,18 @@ def test_the_training_time_map5_is_scored_as_calibration_scores_it(tiny_arcface,
     metric.learn = SimpleNamespace(epoch=5, n_epoch=6, model=run.network())  # the last epoch, with the best weights
     metric.before_validate()
     assert metric.map5 == pytest.approx(result["valid_map5"], abs=1e-6) and metric.top1 == pytest.approx(result["valid_top1"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_calibration_uses_the_last_scored_epochs_outputs_when_they_are_the_best(tiny_data, tmp_path, tiny_config, monkeypatch):
+    from whalefast.learn.trainer import fit
+    from whalefast.runs.methods import ArcFace
+
+    calls = []
+    embed = ArcFace.embed
+    monkeypatch.setattr(ArcFace, "embed", lambda self, network, arrays, *a, **k: calls.append(len(arrays)) or embed(self, network, arrays, *a, **k))
+    result = fit(tiny_config(tiny_data, tmp_path, method="arcface", embed_dim=16, scale=16.0, size=(32, 64), epochs=1, milestones=()))
+    history = pd.read_csv(tmp_path / "tiny" / "history.csv")
+    # One epoch, so it is the best: its MAP@5 embedded the training and the validation photos once, and calibration embeds nothing more.
+    assert len(calls) == 2 and result["best_epoch"] == 0
+    assert history.map5.iloc[0] == pytest.approx(result["valid_map5"], abs=1e-6)

@@ -6,7 +6,7 @@ from pathlib import Path
 import whalefast
 
 PACKAGE = Path(whalefast.__file__).parent
-LAYERS = {"whalefast": 0, "core": 1, "data": 2, "nets": 2, "runs": 3, "learn": 4, "match": 4, "stages": 5, "review": 6, "cli": 7, "__main__": 8}
+LAYERS = {"whalefast": 0, "core": 1, "data": 2, "nets": 2, "db": 2, "runs": 3, "learn": 4, "match": 4, "stages": 5, "review": 6, "cli": 7, "__main__": 8}
 
 
 def modules() -> dict[str, Path]:

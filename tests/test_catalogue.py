@@ -56,24 +56,30 @@ def test_catalogue_add_is_idempotent_and_relabels_explicitly(arc_run, tiny_data,
 def test_ids_outside_the_rule_are_refused_with_their_line(arc_run, tiny_data, tmp_path):
     folder, names = _new_photos(tmp_path, tiny_data, n=1)
     (tmp_path / "bad.csv").write_text(f"Image,Id\n{names[0]},=HYPERLINK(1)\n")
-    with pytest.raises(WhalefastError, match=r"bad.csv: malformed Id '=HYPERLINK\(1\)' on line 2 \(an id is letters, digits"):
+    with pytest.raises(WhalefastError, match=r"bad.csv: line 2: malformed Id '=HYPERLINK\(1\)' \(an id is letters, digits"):
         add_to_catalogue(arc_run, tmp_path / "bad.csv", folder)
 
 
-def test_catalogue_and_resume_state_load_without_running_code(tiny_arcface):
+def test_saved_state_loads_without_running_code_and_the_catalogue_is_a_database(tiny_arcface):
+    import sqlite3
+
     run_dir = tiny_arcface[0]
-    torch.load(run_dir / "catalogue.pt", weights_only=True)
+    assert not (run_dir / "catalogue.pt").exists()
+    with sqlite3.connect(run_dir.parent / "catalogue.db") as db:
+        assert (
+            db.execute("PRAGMA journal_mode").fetchone()[0] == "wal" and db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "1"
+        )
     state = torch.load(run_dir / "last.pth", weights_only=True)
     assert {"model", "opt", "epoch", "best_loss", "best_epoch"} <= set(state)
 
 
 def test_damaged_saved_files_give_one_line_errors_naming_them(arc_run, tiny_data, tmp_path, tiny_config, catalogue_of):
-    for name in ("model.pth", "catalogue.pt", "last.pth"):
-        (arc_run / name).write_bytes((arc_run / name).read_bytes()[:1000])  # cut short, as by a full disk
+    for path in (arc_run / "model.pth", arc_run / "last.pth", arc_run.parent / "catalogue.db"):
+        path.write_bytes(path.read_bytes()[:1000])  # cut short, as by a full disk
     models = arc_run.parent
     result = runner.invoke(app, ["submit", "--data", str(tiny_data), "--model", "arcface", "--models-dir", str(models), "--out", str(tmp_path / "s.csv")])
     assert result.exit_code == 1 and "model.pth: not a whalefast model, or damaged" in result.output and "Traceback" not in result.output
-    with pytest.raises(WhalefastError, match="catalogue.pt: not a whalefast catalogue, or damaged"):
+    with pytest.raises(WhalefastError, match="catalogue.db: not a whalefast catalogue database, or damaged"):
         catalogue_of(arc_run)
     with pytest.raises(WhalefastError, match="last.pth: not a whalefast resume state, or damaged"):
         fit(tiny_config(tiny_data, models, name="arcface"), resume=True)

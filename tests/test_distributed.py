@@ -8,6 +8,7 @@ import pytest
 from whalefast.data.loaders import TrainingData, training_items
 from whalefast.data.prepared import image_cache, load_split
 from whalefast.runs.folder import Run
+from whalefast.runs.methods import Embedded
 
 
 @pytest.mark.slow
@@ -38,6 +39,6 @@ def test_two_cpu_processes_train_one_model(tiny_data, tmp_path, fast_fit_args):
     items, vocab = training_items(load_split(tiny_data / "prepared"))
     images = image_cache(tiny_data, tiny_data / "prepared", "train", items.Image.tolist(), run.spec)
     data = TrainingData(None, items, vocab, images)
-    _, map5, _ = run.method.score_validation(run.network(), run.spec, data, bs=64)
+    _, map5, _ = run.method.score_validation(Embedded(run.method, run.network(), run.spec, data, bs=64))
     best = int(history.valid_loss.idxmin())
     assert history.map5[best] == pytest.approx(map5, abs=1e-4)

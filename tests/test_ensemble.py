@@ -124,8 +124,7 @@ def test_a_member_folder_left_by_another_run_is_not_resumed(tiny_data, tmp_path,
     assert is_member_resumable(member)  # test-time scales apply after the members are trained
 
 
-def test_catalogue_add_and_predict_work_on_an_ensemble(tiny_ensemble, tmp_path):
-    import shutil
+def test_catalogue_add_and_predict_work_on_an_ensemble(tiny_ensemble, tmp_path, copy_run):
 
     import pandas as pd
     from PIL import Image
@@ -135,7 +134,7 @@ def test_catalogue_add_and_predict_work_on_an_ensemble(tiny_ensemble, tmp_path):
     from whalefast.stages.predict import predict
 
     run_dir = tmp_path / "pair"
-    shutil.copytree(tiny_ensemble[0], run_dir)
+    copy_run(tiny_ensemble[0], run_dir)
     template = fluke_template(seed=99, individual=12345)  # an individual no member saw
     (tmp_path / "new").mkdir()
     (tmp_path / "new" / "first.jpg").write_bytes(render_photo(template, 1)[0])

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -150,8 +151,10 @@ def test_a_full_disk_is_one_line_and_leaves_what_was_there(tiny_data, tiny_arcfa
     whalefast = f"{sys.executable} -m whalefast"
     run = tmp_path / "run"
     run.mkdir()
-    for name in ("config.json", "learnt.json", "input.json", "model.pth", "catalogue.pt", "calibration.json", "status.json"):
+    for name in ("config.json", "learnt.json", "input.json", "model.pth", "calibration.json", "status.json"):
         shutil.copy(tiny_arcface[0] / name, run / name)
+    with sqlite3.connect(tiny_arcface[0].parent / "catalogue.db") as source, sqlite3.connect(tmp_path / "catalogue.db") as copy:
+        source.backup(copy)
     new = tmp_path / "new"
     new.mkdir()
     name = pd.read_csv(tiny_data / "test_answers.csv").Image[0]
@@ -164,9 +167,9 @@ def test_a_full_disk_is_one_line_and_leaves_what_was_there(tiny_data, tiny_arcfa
         leave 0; {whalefast} prepare --data {tiny_data} --out "$MNT/prep"; echo "prepare exit $?"; ls -A "$MNT/prep"; echo "prepare left ^"
         leave 100000; {whalefast} fit --data {tiny_data} --models-dir "$MNT/models" --name full {fast}; echo "fit exit $?"
         {whalefast} submit --data {tiny_data} --model full --models-dir "$MNT/models" --out "$MNT/s.csv"; echo "submit exit $?"
-        rm -r "$MNT/filler" "$MNT/models" "$MNT/prep"; cp -r {run} "$MNT/run"; sha256sum "$MNT/run/catalogue.pt"
+        rm -r "$MNT/filler" "$MNT/models" "$MNT/prep"; cp -r {run} "$MNT/run"; cp {tmp_path / "catalogue.db"} "$MNT/"; sha256sum "$MNT/catalogue.db"
         leave 4096; {whalefast} catalogue add --model run --models-dir "$MNT" --csv {tmp_path / "new.csv"} --images {new}; echo "add exit $?"
-        sha256sum "$MNT/run/catalogue.pt"; ls -A "$MNT/run"
+        sha256sum "$MNT/catalogue.db"; ls -A "$MNT"
         """,
     )
     assert "Traceback" not in out and "unexpected pos" not in out, out
@@ -174,8 +177,8 @@ def test_a_full_disk_is_one_line_and_leaves_what_was_there(tiny_data, tiny_arcfa
     assert "prepare exit 1" in before and "prep/hashes.csv: no space left on device" in before and ".tmp" not in before, out
     assert "fit exit 1" in after and "no space left on device" in after.split("fit exit")[0], out
     assert "submit exit 1" in after and "full: a fit that stopped" in after and "left no weights to resume; fit it again" in after, out
-    digests = [line.split()[0] for line in out.splitlines() if line.endswith("run/catalogue.pt")]
-    assert "add exit 1" in after and "catalogue.pt: no space left on device" in after, out
+    digests = [line.split()[0] for line in out.splitlines() if line.endswith("/catalogue.db")]
+    assert "add exit 1" in after and "catalogue.db: no space left on device" in after, out
     assert len(digests) == 2 and digests[0] == digests[1] and ".tmp" not in after.split("add exit")[1], out  # the catalogue is unchanged
 
 

@@ -106,7 +106,7 @@ def test_a_tiny_fit_with_parts_learns_and_catalogues_the_whole_and_each_strip(ti
     names = [p.split("/")[-1] for p in catalogue.photos[:4]]
     images = image_cache(tiny_data, tiny_data / "prepared", "train", names, run.spec)
     by_hand = forward_photos(model, [images[n] for n in names], IMAGENET_MEAN, IMAGENET_STD)
-    assert torch.allclose(catalogue.embeddings[:4], F.normalize(by_hand, dim=1), atol=1e-4)
+    assert torch.allclose(catalogue.embeddings[:4].float(), F.normalize(by_hand, dim=1), atol=2e-3)  # stored as float16
 
 
 def test_the_cli_takes_parts_from_the_recipe_or_as_typed_and_refuses_bad_ones(tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ def test_uploads_that_are_not_photos_or_too_large_are_refused():
         check_upload("empty.jpg", b"")
 
 
-def test_review_ranks_decides_logs_and_grows_the_catalogue(arc_run, tiny_data):
+def test_review_ranks_decides_logs_and_grows_the_catalogue(arc_run, tiny_data, review_log):
     review = Review(arc_run)
     name, data = _photo_bytes(tiny_data)
     query = review.add(name, data)
@@ -48,6 +48,7 @@ def test_review_ranks_decides_logs_and_grows_the_catalogue(arc_run, tiny_data):
 
     row = review.decide(query.qid, "same", top.id, comment="clear trailing edge", expected=0)
     assert (row["decision"], row["id"], row["rank"], row["catalogue"]) == ("same", top.id, "1", "added")
+    assert (row["top_id"], row["score"], row["top_score"]) == (top.id, f"{top.score:.4f}", f"{top.score:.4f}")
     after = Run.open(arc_run).catalogue()
     assert after.embeddings.shape[0] == before.embeddings.shape[0] + 1
     assert after.ids[int(after.labels[-1])] == top.id
@@ -56,12 +57,12 @@ def test_review_ranks_decides_logs_and_grows_the_catalogue(arc_run, tiny_data):
     restarted = Review(arc_run)  # a restart keeps the queue and every decision
     assert list(restarted.queue) == [query.qid]
     assert restarted.status(query.qid) == "same" and restarted.progress() == (1, 1)
-    log = pd.read_csv(arc_run / "review_log.csv", keep_default_na=False)
+    log = review_log(arc_run)
     assert log[["decision", "id", "comment"]].values.tolist() == [["same", top.id, "clear trailing edge"]]
     with pytest.raises(ReviewError, match="already decided") as e:
         restarted.decide(query.qid, "unsure")
     assert e.value.status == 409
-    assert len(pd.read_csv(arc_run / "review_log.csv")) == 1
+    assert len(review_log(arc_run)) == 1
 
 
 def test_new_whale_decision_makes_it_findable(arc_run, tiny_data):
@@ -77,7 +78,7 @@ def test_new_whale_decision_makes_it_findable(arc_run, tiny_data):
     assert review.candidates(again.qid, 1)[0].id == "w_newbie"
 
 
-def test_concurrent_decisions_keep_the_first_and_lose_nothing(arc_run, tiny_data):
+def test_concurrent_decisions_keep_the_first_and_lose_nothing(arc_run, tiny_data, review_log):
     review = Review(arc_run)
     query = review.add(*_photo_bytes(tiny_data, 2))
     top = review.candidates(query.qid, 1)[0].id
@@ -100,7 +101,7 @@ def test_concurrent_decisions_keep_the_first_and_lose_nothing(arc_run, tiny_data
     for t in threads:
         t.join()
     assert sorted(map(str, results)).count("409") == 3
-    log = pd.read_csv(arc_run / "review_log.csv", keep_default_na=False)
+    log = review_log(arc_run)
     assert log.comment.tolist()[0] == "reviewer A" and len(log) == 2 and log.decision.tolist() == ["unsure", "same"]
     assert Run.open(arc_run).catalogue().photos.count(str(query.file.resolve())) == 1
 
@@ -114,6 +115,7 @@ def test_softmax_review_shows_training_photos_and_logs_only(tiny_softmax, tiny_d
     assert all(c.photos and review.known_photos[c.photos[0]].is_file() for c in candidates)
     row = review.decide(query.qid, "same", candidates[1].id)
     assert row["rank"] == "2" and row["catalogue"] == ""
+    assert (row["score"], row["top_id"]) == (f"{candidates[1].score:.4f}", candidates[0].id)
     assert not (run_dir / "catalogue.pt").exists()
 
 

@@ -53,14 +53,13 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def server(tiny_arcface, tmp_path):
+def server(tiny_arcface, tmp_path, copy_run):
     """The review app of a copy of the tiny arcface run, served by uvicorn on 127.0.0.1."""
     import uvicorn
 
     from whalefast.review.app import create_app
 
-    run_dir = tmp_path / "models" / "arcface"
-    shutil.copytree(tiny_arcface[0], run_dir)
+    run_dir = copy_run(tiny_arcface[0], tmp_path / "models" / "arcface")
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(run_dir), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -74,7 +73,7 @@ def server(tiny_arcface, tmp_path):
     thread.join(timeout=10)
 
 
-def test_upload_confirm_and_check_log_and_catalogue(server, tiny_data, tmp_path):
+def test_upload_confirm_and_check_log_and_catalogue(server, tiny_data, tmp_path, review_log):
     from selenium.webdriver.common.by import By
 
     url, run_dir = server
@@ -103,7 +102,7 @@ def test_upload_confirm_and_check_log_and_catalogue(server, tiny_data, tmp_path)
     finally:
         browser.quit()
     assert (tmp_path / "review.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    log = pd.read_csv(run_dir / "review_log.csv", keep_default_na=False)
-    assert log[["photo", "decision", "id", "rank"]].values.tolist() == [[photo.name, "same", top, 1]]
+    log = review_log(run_dir)
+    assert log[["photo", "decision", "id", "rank"]].values.tolist() == [[photo.name, "same", top, "1"]]
     after = Run.open(run_dir).catalogue()
     assert after.embeddings.shape[0] == before + 1 and after.ids[int(after.labels[-1])] == top

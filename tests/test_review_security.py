@@ -26,11 +26,6 @@ def _queued(client, tiny_data, k=0) -> str:
     return client.review.add(name, data).qid
 
 
-def _log_rows(run_dir) -> int:
-    path = run_dir / "review_log.csv"
-    return len(pd.read_csv(path)) if path.exists() else 0
-
-
 def test_a_foreign_host_header_is_refused(arc_run, review_browser):
     client = review_browser(arc_run)
     for path in ("/", "/export.csv", "/photo/known/0"):
@@ -42,7 +37,7 @@ def test_a_foreign_host_header_is_refused(arc_run, review_browser):
     assert proxied.get("/", headers={"Host": "evil.example"}).status_code == 421
 
 
-def test_cross_site_requests_change_nothing(arc_run, tiny_data, review_browser):
+def test_cross_site_requests_change_nothing(arc_run, tiny_data, review_browser, review_log):
     client = review_browser(arc_run)
     qid = _queued(client, tiny_data)
     photos = len(Run.open(arc_run).catalogue().photos)
@@ -57,9 +52,9 @@ def test_cross_site_requests_change_nothing(arc_run, tiny_data, review_browser):
     assert stolen.status_code == 403 and "CSRF" in stolen.text
     upload = client.client.post("/upload", files=[("files", ("x.jpg", _photo(tiny_data, 1)[1], "image/jpeg"))], headers={"Origin": "http://evil.example"})
     assert upload.status_code == 403
-    assert _log_rows(arc_run) == 0 and len(Run.open(arc_run).catalogue().photos) == photos and len(client.review.queue) == 1
+    assert len(review_log(arc_run)) == 0 and len(Run.open(arc_run).catalogue().photos) == photos and len(client.review.queue) == 1
     accepted = client.post(f"/query/{qid}/decide", data={"decision": "new", "new_id": "w_real"}, page=f"/query/{qid}", follow_redirects=False)
-    assert accepted.status_code == 303 and _log_rows(arc_run) == 1
+    assert accepted.status_code == 303 and len(review_log(arc_run)) == 1
 
 
 def test_every_response_forbids_framing_sniffing_and_inline_script(arc_run, tiny_data, review_browser):
@@ -78,7 +73,7 @@ def test_every_response_forbids_framing_sniffing_and_inline_script(arc_run, tiny
     assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
 
 
-def test_exported_and_logged_text_never_runs_as_a_formula(arc_run, tiny_data, review_browser):
+def test_exported_and_logged_text_never_runs_as_a_formula(arc_run, tiny_data, review_browser, review_log):
     client = review_browser(arc_run)
     name, data = _photo(tiny_data)
     hostile_name = "=cmd|'calc'!A0.jpg"
@@ -88,12 +83,16 @@ def test_exported_and_logged_text_never_runs_as_a_formula(arc_run, tiny_data, re
         refused = client.post(f"/query/{qid}/decide", data={"decision": "new", "new_id": bad_id}, page=f"/query/{qid}")
         assert refused.status_code == 400 and "needs an id of letters, digits" in refused.text, bad_id
     comment = '=HYPERLINK("http://evil.example","click")'
-    client.post(f"/query/{qid}/decide", data={"decision": "unsure", "comment": comment}, page=f"/query/{qid}")
+    reviewer = "=Ann <b>Lee</b>"
+    client.post(f"/query/{qid}/decide", data={"decision": "unsure", "comment": comment, "reviewer": reviewer}, page=f"/query/{qid}")
+    page = client.get(f"/query/{qid}").text
+    assert 'value="=Ann &lt;b&gt;Lee&lt;/b&gt;"' in page and "<b>Lee" not in page  # the next form starts with the name, escaped
     client.post(f"/query/{qid}/decide", data={"decision": "new", "new_id": "w_ok", "comment": "-2+3+cmd|' /C calc'!A0"}, page=f"/query/{qid}")
-    for text in (client.get("/export.csv").text, (arc_run / "review_log.csv").read_text()):
-        cells = [cell for row in pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False).itertuples(index=False) for cell in row]
-        assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")], text
-        assert f"'{comment}" in cells and f"'{hostile_name}" in cells and "'-2+3+cmd|' /C calc'!A0" in cells
+    text = client.get("/export.csv").text
+    cells = [cell for row in pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False).itertuples(index=False) for cell in row]
+    assert not [c for c in cells if c[:1] in ("=", "+", "-", "@", "\t", "\r")], text
+    assert f"'{comment}" in cells and f"'{hostile_name}" in cells and "'-2+3+cmd|' /C calc'!A0" in cells and f"'{reviewer}" in cells
+    assert review_log(arc_run).comment.tolist() == [comment, "-2+3+cmd|' /C calc'!A0"]  # the database keeps what was typed
     restarted = Review(arc_run)  # what the app shows after a restart is what was typed
     assert [d["comment"] for d in restarted.decisions_of(qid)] == [comment, "-2+3+cmd|' /C calc'!A0"]
     assert restarted.queue[qid].name == hostile_name
@@ -132,54 +131,51 @@ def test_huge_photos_are_refused_before_decoding_and_decoding_holds_no_lock(arc_
     assert len(review.queue) == 2
 
 
-KILL_BETWEEN_WRITES = """
+KILLED_MID_DECISION = """
 import os, sys
+from whalefast.db.store import CatalogueStore
 from whalefast.review.logic import Review
-from whalefast.runs.catalogue import Catalogue
 
 run, name, photo = sys.argv[1:4]
 r = Review(run)
 q = r.add(name, open(photo, "rb").read())
 top = r.candidates(q.qid, 1)[0].id
-Catalogue.save = lambda *a, **k: os._exit(9)  # killed after the log is written, before the catalogue is
+CatalogueStore._put = lambda *a, **k: os._exit(9)  # killed inside the decision's transaction, the photo written, the decision not yet
 r.decide(q.qid, "same", top, comment="killed")
 """
 
 
-def test_a_kill_between_the_log_and_the_catalogue_is_caught_up_on_restart(arc_run, tiny_data):
+def test_a_decision_killed_half_way_leaves_neither_it_nor_its_catalogue_change(arc_run, tiny_data, review_log):
     name = pd.read_csv(tiny_data / "test_answers.csv").Image[0]
     before = len(Run.open(arc_run).catalogue().photos)
-    killed = subprocess.run([sys.executable, "-c", KILL_BETWEEN_WRITES, str(arc_run), name, str(tiny_data / "test" / name)], capture_output=True, text=True)
+    killed = subprocess.run([sys.executable, "-c", KILLED_MID_DECISION, str(arc_run), name, str(tiny_data / "test" / name)], capture_output=True, text=True)
     assert killed.returncode == 9, killed.stderr
-    assert len(Run.open(arc_run).catalogue().photos) == before  # the kill came between the two writes
 
     review = Review(arc_run)
     (qid,) = review.queue
-    decided = review.decisions_of(qid)
-    assert [(d["decision"], d["comment"]) for d in decided] == [("same", "killed")]
+    assert review.status(qid) == "pending" and len(review_log(arc_run)) == 0
+    assert len(Run.open(arc_run).catalogue().photos) == before  # the transaction never committed: no photo without its decision
+    top = review.candidates(qid, 1)[0].id
+    review.decide(qid, "same", top, comment="again")
     catalogue = Run.open(arc_run).catalogue()
-    assert len(catalogue.photos) == before + 1 and catalogue.ids[int(catalogue.labels[-1])] == decided[0]["id"]
-    assert catalogue.photos.count(str(review.queue[qid].file.resolve())) == 1
-    with pytest.raises(ReviewError, match="already decided") as e:
-        review.decide(qid, "same", decided[0]["id"])
-    assert e.value.status == 409
-    assert len(Run.open(Review(arc_run).run_dir).catalogue().photos) == before + 1  # a second restart adds nothing
+    assert len(catalogue.photos) == before + 1 and catalogue.photos.count(str(review.queue[qid].file.resolve())) == 1
+    assert review_log(arc_run)[["decision", "id", "comment", "catalogue"]].values.tolist() == [["same", top, "again", "added"]]
 
 
-def test_a_failed_catalogue_write_takes_the_decision_back(arc_run, tiny_data, review_browser, monkeypatch):
-    from whalefast.runs.catalogue import Catalogue
+def test_a_failed_catalogue_write_takes_the_decision_back(arc_run, tiny_data, review_browser, monkeypatch, review_log):
+    from whalefast.db.store import CatalogueStore
 
     client = review_browser(arc_run)
     qid = _queued(client, tiny_data)
     top = client.review.candidates(qid, 1)[0].id
 
     def full_disk(*args, **kwargs):
-        raise StorageError(f"{arc_run / 'catalogue.pt'}: no space left on device; free some space and run it again")
+        raise StorageError(f"{arc_run.parent / 'catalogue.db'}: no space left on device; free some space and run it again")
 
-    monkeypatch.setattr(Catalogue, "save", full_disk)
+    monkeypatch.setattr(CatalogueStore, "_put", full_disk)
     answer = client.post(f"/query/{qid}/decide", data={"same_id": top, "expected": "0"}, page=f"/query/{qid}")
     assert answer.status_code == 507 and "no space left on device" in answer.text and "nothing was changed" in answer.text
-    assert _log_rows(arc_run) == 0 and client.review.status(qid) == "pending"
+    assert len(review_log(arc_run)) == 0 and client.review.status(qid) == "pending"
     monkeypatch.undo()
     assert client.post(f"/query/{qid}/decide", data={"same_id": top, "expected": "0"}, page=f"/query/{qid}", follow_redirects=False).status_code == 303
 

@@ -99,7 +99,7 @@ def test_a_run_with_test_scales_catalogues_and_scores_with_them(tiny_data, tmp_p
     network = run.network()
     one_scale = [embed(network, arrays, replace(run.spec, scales=(s,)), concatenate_unit) for s in (0.75, 1.0)]
     by_hand = torch.cat([F.normalize(e, dim=1) for e in one_scale], dim=1) / 2**0.5
-    assert torch.allclose(catalogue.embeddings[:6], by_hand, atol=1e-4)
+    assert torch.allclose(catalogue.embeddings[:6].float(), by_hand, atol=2e-3)  # stored as float16
 
     import pandas as pd
 

@@ -4,8 +4,9 @@ The package is layered; a module imports only from its own sub-package or from a
 never from a sibling on its own layer (tests/test_architecture.py checks it):
 
     core                   errors, console, files, photos and sizes, the input spec, ranking maths
-    data | nets            data: synth, dedup, split, cache, loaders, augmentation, box files
+    data | nets | db       data: synth, dedup, split, cache, loaders, augmentation, box files
                            nets: backbone registry, heads, losses, views, the forward path
+                           db: the catalogue database (SQLite), its filters and Darwin Core columns
     runs                   settings and what a run learnt, methods, the catalogue, the run folder
     learn | match          learn: trainer, callbacks, calibration, box training, distributed
                            match: new photos, the matcher, growing the catalogue, box models

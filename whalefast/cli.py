@@ -218,6 +218,8 @@ TTA_HELP = (
     "e.g. 6/7,1,8/7 (sizes round to 8 pixels)."
 )
 TtaScalesOpt = Annotated[str, typer.Option(help=TTA_HELP, rich_help_panel=MODEL)]
+CATALOGUE_DIMS_HELP = "Store embeddings in the catalogue projected to this many dimensions, fitted on the training photos (arcface; 0: as they are)."
+CatalogueDimsOpt = Annotated[int, typer.Option(help=CATALOGUE_DIMS_HELP, rich_help_panel=MODEL)]
 MEMBERS_HELP = "Train an ensemble of this many networks, from seeds SEED, SEED+1 and so on, used as one model; each one costs a full fit."
 MembersOpt = Annotated[int, typer.Option(help=MEMBERS_HELP, rich_help_panel=MODEL)]
 
@@ -257,6 +259,7 @@ def training_options(
     map_every: MapEveryOpt = 1,
     members: MembersOpt = 1,
     tta_scales: TtaScalesOpt = "1",
+    catalogue_dims: CatalogueDimsOpt = 0,
 ):
     """The options fit and lr-find share: a run's settings (whalefast.runs.config.FitConfig), the defaults the reference recipe's."""
 
@@ -322,6 +325,41 @@ def lr_find(ctx: typer.Context, **options):
 ModelOpt = Annotated[str, typer.Option("--model", help="Run name in the models folder.", rich_help_panel=MODEL)]
 
 
+CATALOGUE = "Catalogue"
+DbOpt = Annotated[
+    Path | None,
+    typer.Option("--db", help="The catalogue database (SQLite).", show_default="MODELS_DIR/catalogue.db", rich_help_panel=CATALOGUE),
+]
+WhereOpt = Annotated[
+    list[str] | None,
+    typer.Option("--where", help="Match only catalogue photos with this field: KEY=VALUE (locality=Husavik); repeatable.", rich_help_panel=CATALOGUE),
+]
+SinceOpt = Annotated[str, typer.Option(help="Match only catalogue photos taken on or after this date (2019-07-01).", rich_help_panel=CATALOGUE)]
+UntilOpt = Annotated[str, typer.Option(help="Match only catalogue photos taken on or before this date.", rich_help_panel=CATALOGUE)]
+NearOpt = Annotated[str, typer.Option(help="Match only catalogue photos taken near LAT,LON (with --within-km).", rich_help_panel=CATALOGUE)]
+WithinOpt = Annotated[float | None, typer.Option(help="How far from --near, in kilometres.", rich_help_panel=CATALOGUE)]
+
+
+def _filter(where, since, until, near, within_km):
+    from whalefast.db.filters import parse_filter
+
+    return _run(parse_filter, where, since, until, near, within_km)
+
+
+def _db(db: Path | None, models_dir: Path) -> Path:
+    return db or models_dir / "catalogue.db"
+
+
+def _report_added(r: dict, results) -> None:
+    for move in r["relabelled"]:
+        results.print(f"relabelled {move['photo']}: {move['from']} -> {move['to']}", highlight=False)
+    results.print(
+        f"added {r['added_photos']} photos ({r['new_ids']} new ids), {r['unchanged_photos']} already catalogued, "
+        f"{len(r['relabelled'])} relabelled; catalogue now holds {r.get('ids', r.get('individuals'))} ids, {r['photos']} photos",
+        highlight=False,
+    )
+
+
 @app.command()
 def submit(
     data: DataOpt = Path("data"),
@@ -332,12 +370,18 @@ def submit(
     tta: Annotated[
         bool, typer.Option(help="Average with the horizontally flipped photo (models trained on mirrored photos; the fluke augmentation never mirrors).")
     ] = True,
+    db: DbOpt = None,
+    where: WhereOpt = None,
+    since: SinceOpt = "",
+    until: UntilOpt = "",
+    near: NearOpt = "",
+    within_km: WithinOpt = None,
 ):
     """Write a Kaggle submission (Image,Id with five ids) for every photo in test/."""
     from whalefast.core.console import results, table
     from whalefast.stages.submit import submit as run
 
-    s = _run(run, data, models_dir / model, out, tta, prepared)
+    s = _run(run, data, models_dir / model, out, tta, prepared, db, _filter(where, since, until, near, within_km))
     results.print(
         table(
             f"Submission written to {s['out']}",
@@ -360,6 +404,12 @@ def predict(
     top: Annotated[int, typer.Option(help="How many ids per photo.")] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     sheet: Annotated[Path | None, typer.Option(help="Save a review sheet PNG: each photo beside a catalogue photo of each match.")] = None,
+    db: DbOpt = None,
+    where: WhereOpt = None,
+    since: SinceOpt = "",
+    until: UntilOpt = "",
+    near: NearOpt = "",
+    within_km: WithinOpt = None,
 ):
     """Rank the most likely whale ids for photos; unreadable photos are skipped and listed."""
     from whalefast.core.console import console, results, table, warn
@@ -367,7 +417,8 @@ def predict(
     from whalefast.stages.predict import predict as run
     from whalefast.stages.predict import review_sheet
 
-    matcher = _run(Matcher, models_dir / model)
+    photo_filter = _filter(where, since, until, near, within_km)
+    matcher = _run(Matcher, models_dir / model, db=db, photo_filter=photo_filter)
     found = _run(run, images, matcher, top)
     failed = [r for r in found if "error" in r]
     if as_json:
@@ -464,36 +515,138 @@ def boxes_fit(
     )
 
 
+@catalogue_app.command("import")
+def catalogue_import(
+    csv: Annotated[Path, typer.Option(help="Image,Id rows of the photos, with optional Darwin Core columns (eventDate, locality, decimalLatitude, ...).")],
+    images: Annotated[Path, typer.Option(help="Folder holding those photos.")],
+    relabel: Annotated[bool, typer.Option(help="Move photos already catalogued under another id to the CSV's id.")] = False,
+    db: DbOpt = None,
+    models_dir: ModelsDirOpt = Path("models"),
+):
+    """Add sightings to the catalogue database (again: nothing changes); each arcface model embeds the new photos when it next matches."""
+    from whalefast.core.console import results
+    from whalefast.match.catalogue import import_sightings
+
+    _report_added(_run(import_sightings, _db(db, models_dir), csv, images, relabel), results)
+
+
 @catalogue_app.command("add")
 def catalogue_add(
     model: ModelOpt,
-    csv: Annotated[Path, typer.Option(help="Image,Id rows of the photos to add.")],
+    csv: Annotated[Path, typer.Option(help="Image,Id rows of the photos to add (optional Darwin Core columns as for import).")],
     images: Annotated[Path, typer.Option(help="Folder holding those photos.")],
     relabel: Annotated[bool, typer.Option(help="Move photos already catalogued under another id to the CSV's id.")] = False,
     models_dir: ModelsDirOpt = Path("models"),
+    db: DbOpt = None,
 ):
-    """Add newly identified photos (new whales or known ones) to an arcface model's catalogue; photos already there are left alone."""
+    """Add newly identified photos (new whales or known ones) to an arcface model's catalogue and embed them now; photos already there are left alone."""
     from whalefast.core.console import results
     from whalefast.match.catalogue import add_to_catalogue
 
-    r = _run(add_to_catalogue, models_dir / model, csv, images, relabel)
-    for move in r["relabelled"]:
-        results.print(f"relabelled {move['photo']}: {move['from']} -> {move['to']}", highlight=False)
+    _report_added(_run(add_to_catalogue, models_dir / model, csv, images, relabel, db), results)
+
+
+@catalogue_app.command("export")
+def catalogue_export(
+    out: Annotated[Path, typer.Option(help="CSV to write: Image,Id, the Darwin Core columns, name, digest, source.")],
+    photos: Annotated[Path | None, typer.Option(help="Also copy the photos here, one folder per individual.")] = None,
+    db: DbOpt = None,
+    models_dir: ModelsDirOpt = Path("models"),
+):
+    """Export every identified photo with its sighting metadata (Wildbook/Flukebook, OBIS/GBIF columns), spreadsheet-safe."""
+    from whalefast.core.console import results
+    from whalefast.stages.catalogue import export_catalogue
+
+    r = _run(export_catalogue, _db(db, models_dir), out, photos)
     results.print(
-        f"added {r['added_photos']} photos ({r['new_ids']} new ids), {r['unchanged_photos']} already catalogued, "
-        f"{len(r['relabelled'])} relabelled; catalogue now holds {r['ids']} ids, {r['photos']} photos",
-        highlight=False,
+        f"wrote {r['photos']} photos of {r['individuals']} individuals to {r['out']}" + (f"; copied the photos to {photos}" if photos else ""), highlight=False
     )
 
 
 @catalogue_app.command("show")
-def catalogue_show(model: ModelOpt, models_dir: ModelsDirOpt = Path("models")):
-    """Summarise an arcface model's catalogue: ids, photos, embedding size."""
+def catalogue_show(
+    individual: Annotated[str | None, typer.Argument(help="An individual's id or alias: its sightings.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Run name: its catalogue's size and embeddings.")] = None,
+    models_dir: ModelsDirOpt = Path("models"),
+    db: DbOpt = None,
+):
+    """An individual's sightings (date, place, photographer, photo), or a summary of the catalogue (and of a model's part of it)."""
     from whalefast.core.console import results, table
-    from whalefast.runs.folder import Run
+    from whalefast.stages.catalogue import describe, summarise
 
-    s = _run(lambda: Run.open(models_dir / model).catalogue().summary())
-    results.print(table(f"Catalogue of {model}", ["", "value"], [[k, v] for k, v in s.items()]))
+    if individual:
+        d = _run(describe, _db(db, models_dir), individual)
+        title = f"{d['id']}" + (f" ({d['name']})" if d["name"] else "") + (f", also known as {', '.join(d['aliases'])}" if d["aliases"] else "")
+        rows = [[s["event_date"], s["locality"], s["photographer"], s["path"]] for s in d["sightings"]]
+        results.print(table(f"{title}: {len(rows)} photos", ["date", "place", "photographer", "photo"], rows))
+        return
+    s = _run(summarise, _db(db, models_dir), models_dir / model if model else None)
+    results.print(table(f"Catalogue of {model}" if model else "Catalogue", ["", "value"], [[k, v] for k, v in s.items()]))
+
+
+@catalogue_app.command("merge")
+def catalogue_merge(
+    keep: Annotated[str, typer.Argument(help="The id that stays.")],
+    merged: Annotated[str, typer.Argument(help="The id found to be the same whale: its photos move to KEEP and it becomes an alias.")],
+    db: DbOpt = None,
+    models_dir: ModelsDirOpt = Path("models"),
+):
+    """Merge two ids found to be one whale (recorded; undone with `catalogue unmerge`)."""
+    from whalefast.core.console import results
+    from whalefast.stages.catalogue import curate
+
+    r = _run(curate, _db(db, models_dir), "merge", keep, merged)
+    results.print(f"merged {r['merged']} into {r['kept']}: {r['photos']} photos moved; undo with `whalefast catalogue unmerge {r['merged']}`", highlight=False)
+
+
+@catalogue_app.command("unmerge")
+def catalogue_unmerge(
+    merged: Annotated[str, typer.Argument(help="An id that was merged into another.")], db: DbOpt = None, models_dir: ModelsDirOpt = Path("models")
+):
+    """Undo a merge: the id is an individual again, with the photos it had."""
+    from whalefast.core.console import results
+    from whalefast.stages.catalogue import curate
+
+    r = _run(curate, _db(db, models_dir), "unmerge", merged)
+    results.print(f"{r['restored']} is an individual again, with {r['photos']} photos back from {r['from']}", highlight=False)
+
+
+@catalogue_app.command("rename")
+def catalogue_rename(
+    old: Annotated[str, typer.Argument(help="The id now.")],
+    new: Annotated[str, typer.Argument(help="Its new id (the old one stays an alias).")],
+    db: DbOpt = None,
+    models_dir: ModelsDirOpt = Path("models"),
+):
+    """Give an individual a new id; the old one still finds it."""
+    from whalefast.core.console import results
+    from whalefast.stages.catalogue import curate
+
+    r = _run(curate, _db(db, models_dir), "rename", old, new)
+    results.print(f"renamed {r['from']} to {r['to']}", highlight=False)
+
+
+@catalogue_app.command("root")
+def catalogue_root(
+    folder: Annotated[Path, typer.Argument(help="The folder the photos now live under.")], db: DbOpt = None, models_dir: ModelsDirOpt = Path("models")
+):
+    """The photos moved with their folder: read the catalogue's photo paths relative to FOLDER from now on."""
+    from whalefast.core.console import results
+    from whalefast.stages.catalogue import set_photo_root
+
+    results.print(f"catalogue photos are read from under {_run(set_photo_root, _db(db, models_dir), folder)}", highlight=False)
+
+
+@catalogue_app.command("history")
+def catalogue_history(
+    limit: Annotated[int, typer.Option(help="How many entries, newest first.")] = 50, db: DbOpt = None, models_dir: ModelsDirOpt = Path("models")
+):
+    """The catalogue's history: every import, relabel, merge, unmerge and rename."""
+    from whalefast.core.console import results, table
+    from whalefast.stages.catalogue import history
+
+    rows = [[h["time"], h["action"], h["subject"], h["summary"]] for h in _run(history, _db(db, models_dir), limit)]
+    results.print(table("Catalogue history", ["time", "action", "subject", "what"], rows))
 
 
 @app.command()
@@ -509,8 +662,9 @@ def serve(
             show_default="the --host address and localhost",
         ),
     ] = None,
+    db: DbOpt = None,
 ):
-    """Start the match-review web app: query photos beside their best candidates, decisions logged beside the model."""
+    """Start the match-review web app: query photos beside their best candidates, decisions and catalogue changes in the catalogue database."""
     from whalefast.review.app import serve as run
 
-    _run(run, models_dir / model, host, port, allow_host or [])
+    _run(run, models_dir / model, host, port, allow_host or [], db)

@@ -80,13 +80,37 @@ def softmax_scores(logits: torch.Tensor) -> torch.Tensor:
     return F.softmax(logits.float(), dim=1)
 
 
-def photo_similarities(queries: torch.Tensor, catalogue: torch.Tensor) -> torch.Tensor:
-    """(queries, catalogue photos) cosine similarities."""
-    return F.normalize(queries.float(), dim=1) @ F.normalize(catalogue.float().to(queries.device), dim=1).T
+CHUNK = 65_536  # catalogue photos compared at a time: a float32 copy of that many rows at most, never of the whole catalogue
+FEW_QUERIES = 16  # up to this many queries read float16 rows as they are (memory-bound); more convert each chunk once (compute-bound)
+
+
+def _chunk_similarities(queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """(queries, rows) inner products of unit queries (float32) with unit rows (float16 or float32)."""
+    rows = rows.to(queries.device)
+    if rows.dtype == torch.float16 and len(queries) <= FEW_QUERIES:
+        return (rows @ queries.half().T).T.float()
+    return queries @ rows.float().T
 
 
 def cosine_id_scores(queries: torch.Tensor, catalogue: torch.Tensor, labels: torch.Tensor, n_ids: int) -> torch.Tensor:
-    """Per id, the cosine similarity of each query to that id's nearest catalogue photo (-2 where an id has none)."""
-    sims = photo_similarities(queries, catalogue)
-    scores = torch.full((len(queries), n_ids), -2.0, device=sims.device)
-    return scores.scatter_reduce(1, labels.to(sims.device)[None].expand(len(queries), -1), sims, reduce="amax", include_self=True)
+    """Per id, the cosine similarity of each query to that id's nearest catalogue photo (-2 where an id has none).
+
+    Catalogue rows are unit vectors (float16 as the catalogue database stores them, or float32),
+    compared CHUNK photos at a time, exactly.
+    """
+    queries = F.normalize(queries.float(), dim=1)
+    scores = torch.full((len(queries), n_ids), -2.0, device=queries.device)
+    for start in range(0, len(catalogue), CHUNK):
+        sims = _chunk_similarities(queries, catalogue[start : start + CHUNK])
+        index = labels[start : start + CHUNK].to(queries.device)[None].expand(len(queries), -1)
+        scores = scores.scatter_reduce(1, index, sims, reduce="amax", include_self=True)
+    return scores
+
+
+def photo_similarities(queries: torch.Tensor, catalogue: torch.Tensor) -> torch.Tensor:
+    """(queries, catalogue photos) cosine similarities to unit catalogue rows, CHUNK photos at a time."""
+    queries = F.normalize(queries.float(), dim=1)
+    return torch.cat(
+        [_chunk_similarities(queries, catalogue[start : start + CHUNK]) for start in range(0, len(catalogue), CHUNK)] or [queries.new_zeros(len(queries), 0)],
+        dim=1,
+    )

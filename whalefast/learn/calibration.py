@@ -2,33 +2,51 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
 from torch import nn
 
-from whalefast.core.console import results
+from whalefast.core.console import results, warn
 from whalefast.core.files import write_json
 from whalefast.core.spec import InputSpec
 from whalefast.data.loaders import TrainingData
+from whalefast.db.store import CatalogueStore, PhotoRecord
 from whalefast.learn.distributed import is_main_process
+from whalefast.runs.catalogue import Projection
 from whalefast.runs.config import FitConfig, Learnt
 from whalefast.runs.folder import Run
-from whalefast.runs.methods import get_method
+from whalefast.runs.methods import Embedded, get_method
 
 
 def finish(
-    run: Run, cfg: FitConfig, spec: InputSpec, learnt: Learnt, network: nn.Module, data: TrainingData, best_epoch: int | list[int], valid_loss: float
+    run: Run,
+    cfg: FitConfig,
+    spec: InputSpec,
+    learnt: Learnt,
+    network: nn.Module,
+    data: TrainingData,
+    best_epoch: int | list[int],
+    valid_loss: float,
+    scored: Embedded | None = None,
 ) -> dict:
     """Calibrate the new_whale threshold on validation through the one embed path; save it and the catalogue; mark the run finished; report the figures.
 
-    The labelled photos are embedded once, for the validation ranking (the training ones) and the catalogue (all of them).
+    The labelled photos are embedded once, for the validation ranking (the training ones) and the
+    catalogue (all of them). `scored` holds the outputs the training-time MAP@5 computed: where they
+    came from the best epoch's weights (one-cycle runs usually end on their best), they are used as they are.
     """
     method = get_method(cfg.method)
-    known = method.known(network, spec, data, cfg.bs)
-    threshold, score, top1 = method.score_validation(network, spec, data, cfg.bs, known)
+    reuse = scored is not None and scored.epoch == best_epoch and scored.network is network
+    embedded = scored if reuse else Embedded(method, network, spec, data, cfg.bs)
+    known = method.known(embedded)
+    projection = method.projection(known, cfg.catalogue_dims)
+    threshold, score, top1 = method.score_validation(embedded, known, projection)
     calibration = {"threshold": threshold, "valid_map5": score, "valid_top1": top1, "best_epoch": best_epoch, "valid_loss": valid_loss}
     if is_main_process():
-        catalogue = method.catalogue(known, learnt.vocab, cfg.data)
+        catalogue = method.catalogue_records(known, cfg.data, projection)
         if catalogue is not None:
-            run.save_catalogue(catalogue)
+            save_catalogue(run, *catalogue, projection)
         write_json(calibration, run / Run.CALIBRATION)
         run.mark_finished()
         epochs = f"best epochs {', '.join(map(str, best_epoch))}" if isinstance(best_epoch, list) else f"best epoch {best_epoch}"
@@ -38,3 +56,18 @@ def finish(
             highlight=False,
         )
     return {"run_dir": str(run.path), **calibration}
+
+
+def save_catalogue(run: Run, records: list[PhotoRecord], vectors: torch.Tensor, projection: Projection | None) -> None:
+    """The run's labelled photos and their embeddings into the catalogue database beside it (photos it holds already keep their ids there)."""
+    if projection is not None:
+        projection.save(run / Run.PROJECTION)
+    else:
+        (run / Run.PROJECTION).unlink(missing_ok=True)  # an earlier fit's of the same name
+    with CatalogueStore(run.catalogue_db) as store:
+        added = store.add_photos(records, what=f"{run.name}'s training photos", model=run.model_key, vectors=vectors.float().cpu().numpy(), keep=True)
+    if added.kept:
+        path, there, given = added.kept[0]
+        warn(
+            f"{store.path}: {len(added.kept)} training photos are catalogued under other ids than train.csv gives (e.g. {Path(path).name}: {there}, not {given}); the catalogue's ids are kept"
+        )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from whalefast.nets.registry import freeze_stages, get_arch
 from whalefast.nets.views import Ensemble
 from whalefast.runs.config import RESUMABLE_CHANGES, FitConfig, Learnt, check_config, check_resume, member_config, resolve_input_spec
 from whalefast.runs.folder import Run
-from whalefast.runs.methods import ValidationMAP, get_method
+from whalefast.runs.methods import Embedded, ValidationMAP, get_method
 
 
 def sgd_like_torch(params, lr, mom=0.9, wd=1e-4):
@@ -80,7 +80,7 @@ def make_learner(cfg: FitConfig, spec: InputSpec, data: TrainingData, metrics: b
     """The Learner for `cfg`: registry backbone, SGD as torch applies it, the method's head and loss, and (with `metrics`) validation MAP@5."""
     method = get_method(cfg.method)
     head = method.head(cfg, len(data.vocab))
-    scoring = ValidationMAP(method, spec, data, cfg.bs, cfg.map_every) if metrics else None
+    scoring = ValidationMAP(method, spec, data, cfg.bs, cfg.map_every, cfg.catalogue_dims) if metrics else None
     learn = build_learner(
         data.dls,
         cfg.arch,
@@ -146,14 +146,24 @@ def fit(cfg: FitConfig, resume: bool = False, distributed: bool = False, typed: 
         return fit_ensemble(cfg, spec, resume)
     if distributed:
         init_distributed()
-    learn, best_epoch, best_loss, data, learnt = train_network(cfg, spec, resume, distributed)
-    return finish(Run(cfg.run_dir), cfg, spec, learnt, unwrap(learn.model), data, best_epoch, best_loss)
+    t = train_network(cfg, spec, resume, distributed)
+    return finish(Run(cfg.run_dir), cfg, spec, t.learnt, unwrap(t.learn.model), t.data, t.best_epoch, t.best_loss, t.scored)
 
 
-def train_network(
-    cfg: FitConfig, spec: InputSpec, resume: bool = False, distributed: bool = False, more_files: dict | None = None
-) -> tuple[Learner, int, float, TrainingData, Learnt]:
-    """Train one network as `cfg` says, checkpointing to its run folder; (learner with the best weights, best epoch, its valid loss, its data, what it learnt).
+@dataclass
+class Trained:
+    """A network trained by train_network: the learner with the best weights loaded, and what calibration needs of it."""
+
+    learn: Learner
+    best_epoch: int
+    best_loss: float
+    data: TrainingData
+    learnt: Learnt
+    scored: Embedded | None  # the outputs of the last epoch the training-time MAP@5 scored
+
+
+def train_network(cfg: FitConfig, spec: InputSpec, resume: bool = False, distributed: bool = False, more_files: dict | None = None) -> Trained:
+    """Train one network as `cfg` says, checkpointing to its run folder.
 
     `more_files` (path -> JSON content) are written first when the first epoch ends (an ensemble's own status and config).
     """
@@ -200,7 +210,8 @@ def train_network(
 
     barrier()
     unwrap(learn.model).load_state_dict(load_saved(run / Run.WEIGHTS, "model"))
-    return learn, checkpoints.best_epoch, checkpoints.best_loss, data, learnt
+    scoring = next((cb for cb in learn.cbs if isinstance(cb, ValidationMAP)), None)
+    return Trained(learn, checkpoints.best_epoch, checkpoints.best_loss, data, learnt, scoring.embedded if scoring else None)
 
 
 def fit_ensemble(cfg: FitConfig, spec: InputSpec, resume: bool = False) -> dict:
@@ -215,23 +226,23 @@ def fit_ensemble(cfg: FitConfig, spec: InputSpec, resume: bool = False) -> dict:
         member = member_config(cfg, i)
         console.print(f"member {i + 1} of {cfg.members} (seed {member.seed})")
         own = run.start_files(asdict(cfg)) if i == 0 and not resume else None
-        learn, best_epoch, best_loss, data, learnt = train_network(member, spec, resume and is_member_resumable(member), more_files=own)
+        t = train_network(member, spec, resume and is_member_resumable(member), more_files=own)
         Run(member.run_dir).mark_finished()
-        networks.append(unwrap(learn.model))
-        best_epochs.append(best_epoch)
-        losses.append(best_loss)
+        networks.append(unwrap(t.learn.model))
+        best_epochs.append(t.best_epoch)
+        losses.append(t.best_loss)
     model = Ensemble(networks, get_method(cfg.method).combine)  # one process only: fit refuses --members with --distributed
     history = pd.concat([pd.read_csv(run.member(i) / Run.HISTORY).assign(member=i) for i in range(cfg.members)])
     write_csv(history, run / Run.HISTORY)
     plot_curves(history, run / Run.CURVES)
-    for path, content in run.start_files(asdict(cfg), learnt, spec).items():
+    for path, content in run.start_files(asdict(cfg), t.learnt, spec).items():
         write_json(content, path)
     save_torch(model.state_dict(), run / Run.WEIGHTS)
-    return finish(run, cfg, spec, learnt, model, data, best_epochs, sum(losses) / len(losses))
+    return finish(run, cfg, spec, t.learnt, model, t.data, best_epochs, sum(losses) / len(losses))
 
 
 # Settings that do not change what a member learns: where it is, how fast it loads, and what inference does after.
-MEMBER_NEUTRAL = RESUMABLE_CHANGES | {"tta_scales"}
+MEMBER_NEUTRAL = RESUMABLE_CHANGES | {"tta_scales", "catalogue_dims"}
 
 
 def is_member_resumable(member: FitConfig) -> bool:

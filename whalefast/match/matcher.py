@@ -5,42 +5,104 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from whalefast import NEW_WHALE
+from whalefast.core.console import progress_bar
+from whalefast.core.errors import WhalefastError
 from whalefast.core.ranking import NEW_WHALE_TARGET, rank_with_new_whale
+from whalefast.db.filters import PhotoFilter
+from whalefast.db.store import CatalogueStore
 from whalefast.match.photos import PhotoLoader
 from whalefast.nets.forward import default_device
 from whalefast.runs.catalogue import Catalogue
 from whalefast.runs.folder import Run
 
+QUERY_BATCH = 256  # photos scored at once: (photos, ids) scores stay small with a hundred thousand ids
+
 
 class Matcher:
     """A finished run, loaded once: network, input spec, method, catalogue (arcface) and the calibrated new_whale threshold.
 
-    With `tta` False, photos are not averaged with their mirror image even where the run trained on mirrored photos.
+    With `tta` False, photos are not averaged with their mirror image even where the run trained on
+    mirrored photos. An arcface run matches against the catalogue database (`db`, or the models
+    folder's), narrowed by `photo_filter`; photos catalogued since (imported, or embedded by another
+    model) are embedded with this one when it loads.
     """
 
-    def __init__(self, run: Run | str | os.PathLike, device: torch.device | None = None, tta: bool = True):
+    def __init__(
+        self,
+        run: Run | str | os.PathLike,
+        device: torch.device | None = None,
+        tta: bool = True,
+        db: str | os.PathLike | None = None,
+        photo_filter: PhotoFilter | None = None,
+    ):
         self.run = run if isinstance(run, Run) else Run.open(run)
         self.settings, self.method = self.run.settings, self.run.method
         self.spec = self.run.spec if tta else self.run.spec.without_mirror()
         self.device = device or default_device()
         self.network = self.run.network().to(self.device)
+        self.projection = self.run.projection
         self.threshold = self.run.threshold
         self.loader = PhotoLoader(self.spec)
+        self.photo_filter = photo_filter or PhotoFilter()
         self.catalogue: Catalogue | None = None
+        self.store: CatalogueStore | None = None
         self.ids = list(self.run.learnt.vocab)
         if self.method.has_catalogue:
-            self.use_catalogue(self.run.catalogue())
+            self.store = self.run.open_catalogue(db)
+            self.embed_missing()
+            self.reload()
+        elif self.photo_filter.active:
+            raise WhalefastError(f"{self.run.path}: a {self.method.name} model has no catalogue to filter; filters need an arcface model")
 
-    def use_catalogue(self, catalogue: Catalogue) -> None:
-        """Score against `catalogue` from now on (the one saved, or the review app's grown one)."""
-        self.catalogue, self.ids = catalogue, list(catalogue.ids)
+    @property
+    def model(self) -> str:
+        return self.run.model_key
+
+    def embed_missing(self) -> int:
+        """Embed, with this run, the catalogue's photos it has no embedding of yet; how many."""
+        missing = self.store.unembedded(self.model)
+        readable = []
+        with progress_bar(f"embedding {len(missing)} catalogue photos new to {self.run.name}", len(missing)) as advance:
+            for photo_id, path in missing:
+                array, problem = self.loader.load(path)
+                if not problem:
+                    readable.append((photo_id, self.outputs([array])[0]))
+                advance()
+        if readable:
+            self.store.put_embeddings(self.model, [p for p, _ in readable], torch.stack([v for _, v in readable]).numpy())
+        return len(readable)
+
+    def reload(self) -> None:
+        """Read the catalogue again from the database (after another process or the review app changed it)."""
+        self.seen = (self.store.revision, self.store.labels_revision)
+        rows = self.store.rows(self.model, self.photo_filter)
+        self.last_embedding = rows.last
+        self.catalogue = Catalogue.from_rows(rows, self.run.learnt.vocab)
+        self.catalogue.build_index()
+        self.ids = list(self.catalogue.ids)
+
+    def refresh(self) -> bool:
+        """Catch up with the database if it changed since it was read: photos added since are appended, anything else reloads; whether it changed."""
+        if self.store is None or self.store.revision == self.seen[0]:
+            return False
+        revision, labels = self.store.revision, self.store.labels_revision
+        newer = self.store.rows(self.model, self.photo_filter, after=self.last_embedding)
+        if labels != self.seen[1]:
+            self.reload()
+            return True
+        self.catalogue.append(newer)
+        self.ids = list(self.catalogue.ids)
+        self.seen, self.last_embedding = (revision, labels), newer.last
+        return True
 
     def outputs(self, arrays, progress=None) -> torch.Tensor:
-        """The network's outputs (logits or embeddings) for (height, width, 3) uint8 arrays, on the CPU."""
-        return self.method.embed(self.network, arrays, self.spec, bs=self.settings.bs, device=self.device, progress=progress).cpu()
+        """The network's outputs (logits, or embeddings as the catalogue stores them) for (height, width, 3) uint8 arrays, on the CPU."""
+        out = self.method.embed(self.network, arrays, self.spec, bs=self.settings.bs, device=self.device, progress=progress).cpu()
+        return self.projection(out) if self.projection is not None and len(out) else out
 
     def id_scores(self, outputs: torch.Tensor) -> torch.Tensor:
         """(photos, ids) scores for the network's outputs."""
@@ -49,6 +111,11 @@ class Matcher:
     def scores(self, arrays, progress=None) -> torch.Tensor:
         """(photos, ids) scores for (height, width, 3) uint8 arrays."""
         return self.id_scores(self.outputs(arrays, progress))
+
+    def ranked(self, arrays, progress=None, k: int = 5) -> list[list[tuple[str, float]]]:
+        """Per photo, its k best (id, score) as `rank` gives them, scored QUERY_BATCH photos at a time (a large catalogue has many ids)."""
+        outputs = self.outputs(arrays, progress)
+        return [ranking for start in range(0, len(outputs), QUERY_BATCH) for ranking in self.rank(self.id_scores(outputs[start : start + QUERY_BATCH]), k)]
 
     def scores_and_similarities(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """For one photo's output: (scores per id, cosine to each catalogue photo, or None without a catalogue)."""
@@ -66,3 +133,7 @@ class Matcher:
     def known_photos(self) -> list[tuple[Path, str]]:
         """(photo, id) of the photos shown beside a candidate: the catalogue's (arcface) or the training photos (softmax)."""
         return self.method.known_photos(self.settings, self.catalogue)
+
+    def catalogue_ids(self) -> np.ndarray | None:
+        """The database id of each catalogue photo, in catalogue order (None without a catalogue)."""
+        return None if self.catalogue is None else self.catalogue.photo_ids

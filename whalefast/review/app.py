@@ -2,26 +2,39 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
+from urllib.parse import quote, unquote, urlencode
 
 from fastapi import FastAPI, Form, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from PIL import Image
 
 from whalefast.core.console import console
 from whalefast.core.errors import StorageError, WhalefastError
+from whalefast.db.filters import PhotoFilter, parse_filter
 from whalefast.review.guard import RequestGuard, allowed_hosts, check_token, review_secret
 from whalefast.review.logic import DECISIONS, FINAL, Review, ReviewError, too_large
 
 PACKAGE = Path(__file__).parent
 MAX_FILES_PER_UPLOAD = 500
+CROP_HEIGHT = 224  # pixels: fluke crops side by side are shown at one height
+FILTER_FIELDS = ("where", "since", "until", "near", "within_km")
+REVIEWER_COOKIE = "whalefast_reviewer"  # the name a reviewer gave with their last decision
 
 
-def create_app(run_dir: str | os.PathLike, max_upload_bytes: int | None = None, host: str = "127.0.0.1", allow_hosts: list[str] | tuple[str, ...] = ()):
-    """The FastAPI app reviewing matches of the trained run in `run_dir`, answering at `host` (and `allow_hosts`)."""
-    review = Review(run_dir, **({"max_upload_bytes": max_upload_bytes} if max_upload_bytes else {}))
+def create_app(
+    run_dir: str | os.PathLike,
+    max_upload_bytes: int | None = None,
+    host: str = "127.0.0.1",
+    allow_hosts: list[str] | tuple[str, ...] = (),
+    db: str | os.PathLike | None = None,
+):
+    """The FastAPI app reviewing matches of the trained run in `run_dir` (against the catalogue database `db`), answering at `host` (and `allow_hosts`)."""
+    review = Review(run_dir, db=db, **({"max_upload_bytes": max_upload_bytes} if max_upload_bytes else {}))
     templates = Jinja2Templates(directory=str(PACKAGE / "templates"))
     app = FastAPI(title="whalefast review", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.review = review
@@ -74,6 +87,17 @@ def create_app(run_dir: str | os.PathLike, max_upload_bytes: int | None = None, 
         query = review.get(qid)
         state = review.status(qid)
         made = review.decisions_of(qid)
+        shown = {k: request.query_params.get(k, "") for k in FILTER_FIELDS}
+        try:
+            photo_filter = parse_filter(
+                [shown["where"]] if shown["where"] else [],
+                shown["since"],
+                shown["until"],
+                shown["near"],
+                float(shown["within_km"]) if shown["within_km"] else None,
+            )
+        except (WhalefastError, ValueError) as e:
+            photo_filter, errors = PhotoFilter(), [*errors, f"filter ignored: {e}"]
         return page(
             request,
             "query.html",
@@ -82,13 +106,17 @@ def create_app(run_dir: str | os.PathLike, max_upload_bytes: int | None = None, 
             notices,
             query=query,
             n=n,
-            candidates=review.candidates(qid, n),
+            filters=shown,
+            filtered=photo_filter.describe() if photo_filter.active else "",
+            candidates=review.candidates(qid, n, photo_filter),
+            catalogue=review.method.has_catalogue,
             decisions=made,
             status=state,
             status_text=review.status_text(qid),
             final=state in FINAL,
             threshold=review.threshold,
             next_pending=review.next_pending(after=qid),
+            reviewer=unquote(request.cookies.get(REVIEWER_COOKIE, "")),
         )
 
     @app.exception_handler(ReviewError)
@@ -128,8 +156,21 @@ def create_app(run_dir: str | os.PathLike, max_upload_bytes: int | None = None, 
         return index(request, 200 if added else 400, errors=errors, notices=notices)
 
     @app.get("/query/{qid}", response_class=HTMLResponse)
-    def show_query(request: Request, qid: str, n: int = 5):
-        return query_page(request, qid, max(1, min(n, 50)))
+    def show_query(request: Request, qid: str, n: int = 5, merged: str = "", into: str = ""):
+        notices = [f"merged {merged} into {into}: its photos are {into}'s now (undo with `whalefast catalogue unmerge {merged}`)"] if merged and into else []
+        return query_page(request, qid, max(1, min(n, 50)), notices=notices)
+
+    @app.post("/query/{qid}/merge", response_class=HTMLResponse)
+    def merge(request: Request, qid: str, keep: str = Form(""), merged: str = Form(""), n: int = Form(5), csrf: str = Form("")):
+        check_token(request, csrf)
+        review.get(qid)
+        if not keep or not merged or keep == merged:
+            return query_page(request, qid, n, 400, errors=["choose two different candidates to merge"])
+        try:
+            review.merge(keep, merged)
+        except ReviewError as e:
+            return query_page(request, qid, n, e.status, errors=[str(e)])
+        return RedirectResponse(f"/query/{qid}?{urlencode({'n': n, 'merged': merged, 'into': keep})}", status_code=303)
 
     @app.post("/query/{qid}/decide", response_class=HTMLResponse)
     def decide(
@@ -139,32 +180,49 @@ def create_app(run_dir: str | os.PathLike, max_upload_bytes: int | None = None, 
         same_id: str = Form(""),
         new_id: str = Form(""),
         comment: str = Form(""),
+        reviewer: str = Form(""),
         expected: int | None = Form(None),
         n: int = Form(5),
         csrf: str = Form(""),
     ):
         check_token(request, csrf)
+        reviewer = reviewer.strip()
         if same_id and not decision:
             decision = "same"
         whale_id = same_id if decision == "same" else new_id
         try:
-            review.decide(qid, decision, whale_id, comment, expected)
+            review.decide(qid, decision, whale_id, comment, expected, reviewer)
         except ReviewError as e:
             review.get(qid)  # an unknown query is a 404 on the queue page
             return query_page(request, qid, n, e.status, errors=[str(e)])
         following = review.next_pending(after=qid)
         target = f"/query/{following}?n={n}&decided={qid}" if following else f"/?decided={qid}"
-        return RedirectResponse(target, status_code=303)
+        answer = RedirectResponse(target, status_code=303)
+        answer.set_cookie(REVIEWER_COOKIE, quote(reviewer), max_age=365 * 24 * 3600, httponly=True, samesite="strict")  # the name the next form starts with
+        return answer
+
+    def photo(path: Path, view: str) -> Response:
+        """The photo itself, or with view=crop the fluke crop the model saw (its input size, grey where it is), at a fixed height so two line up."""
+        if view != "crop":
+            return FileResponse(path)
+        array, problem = review.matcher.loader.load(path)
+        if problem:
+            return Response(f"photo cannot be shown: {problem}", status_code=415, media_type="text/plain")
+        image = Image.fromarray(array)
+        image = image.resize((round(image.width * CROP_HEIGHT / image.height), CROP_HEIGHT), Image.BILINEAR)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return Response(buffer.getvalue(), media_type="image/png")
 
     @app.get("/photo/query/{qid}")
-    def query_photo(qid: str):
-        return FileResponse(review.get(qid).file)
+    def query_photo(qid: str, view: str = ""):
+        return photo(review.get(qid).file, view)
 
     @app.get("/photo/known/{index}")
-    def known_photo(index: int):
+    def known_photo(index: int, view: str = ""):
         if not 0 <= index < len(review.known_photos) or not review.known_photos[index].is_file():
             return Response("photo not found", status_code=404, media_type="text/plain")
-        return FileResponse(review.known_photos[index])
+        return photo(review.known_photos[index], view)
 
     @app.get("/export.csv")
     def export():
@@ -173,12 +231,14 @@ def create_app(run_dir: str | os.PathLike, max_upload_bytes: int | None = None, 
     return app
 
 
-def serve(run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, allow_hosts: list[str] | tuple[str, ...] = ()) -> None:
+def serve(
+    run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, allow_hosts: list[str] | tuple[str, ...] = (), db: str | os.PathLike | None = None
+) -> None:
     """Start the review app on host:port (127.0.0.1: this machine only) until interrupted."""
     import uvicorn
 
     if not 0 < port < 65536:
         raise WhalefastError(f"--port must lie in 1..65535, got {port}")
-    app = create_app(run_dir, host=host, allow_hosts=allow_hosts)
+    app = create_app(run_dir, host=host, allow_hosts=allow_hosts, db=db)
     console.print(f"whalefast review of {Path(run_dir).name} at http://{host}:{port}/ (Ctrl-C stops it)")
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -62,6 +62,7 @@ class FitConfig:
     map_every: int = 1  # validation MAP@5 every N epochs and at the last
     members: int = 1  # an ensemble of this many networks, seeds seed, seed + 1, ...
     tta_scales: tuple[float, ...] = (1.0,)  # inference sees each photo resized by each factor, the views combined
+    catalogue_dims: int = 0  # arcface: store embeddings in the catalogue projected to this many dimensions (0: as they are)
 
     def __post_init__(self):
         self.size = as_size(self.size)
@@ -175,7 +176,7 @@ def legacy_input_spec(raw: dict) -> InputSpec:
 
 
 # Upper bounds that keep a typo from asking for terabytes: an embedding of 100 million numbers, a thousand networks.
-LIMITS = {"embed_dim": 8192, "sub_centers": 64, "members": 64, "epochs": 10_000, "bs": 65_536}
+LIMITS = {"embed_dim": 8192, "sub_centers": 64, "members": 64, "epochs": 10_000, "bs": 65_536, "catalogue_dims": 8192}
 
 
 def check_config(cfg: FitConfig) -> None:
@@ -188,7 +189,7 @@ def check_config(cfg: FitConfig) -> None:
     for option in ("epochs", "bs", "min_samples", "embed_dim", "sub_centers", "map_every", "members"):
         if getattr(cfg, option) < 1:
             raise WhalefastError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(cfg, option)}")
-    for option in ("freeze_epochs", "frozen_stages"):
+    for option in ("freeze_epochs", "frozen_stages", "catalogue_dims"):
         if getattr(cfg, option) < 0:
             raise WhalefastError(f"--{option.replace('_', '-')} must be 0 or more, got {getattr(cfg, option)}")
     for option in ("lr", "scale", "head_lr_mult"):

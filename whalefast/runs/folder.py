@@ -8,6 +8,7 @@ model refuse with one line saying how to continue, instead of reading a mix of o
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from dataclasses import asdict
@@ -17,16 +18,20 @@ from pathlib import Path
 import pandas as pd
 from torch import nn
 
+from whalefast.core.console import console
 from whalefast.core.errors import WhalefastError
-from whalefast.core.files import load_saved, write_json
+from whalefast.core.files import file_digest, load_saved, write_json
 from whalefast.core.spec import InputSpec
+from whalefast.db.filters import PhotoFilter
+from whalefast.db.store import CatalogueStore, PhotoRecord
 from whalefast.nets.registry import build_model
 from whalefast.nets.views import Ensemble
-from whalefast.runs.catalogue import Catalogue
+from whalefast.runs.catalogue import Catalogue, Projection, load_legacy
 from whalefast.runs.config import MEMBERS_DIR, BoxConfig, FitConfig, Learnt, legacy_input_spec, member_config
 from whalefast.runs.methods import Method, get_method
 
 WHALES, BOXES = "whales", "boxes"
+CATALOGUE_DB = "catalogue.db"
 TRAINING, FINISHED = "training", "finished"
 
 
@@ -36,6 +41,7 @@ class Run:
     CONFIG, LEARNT, INPUT, STATUS = "config.json", "learnt.json", "input.json", "status.json"
     WEIGHTS, RESUME, CATALOGUE, CALIBRATION = "model.pth", "last.pth", "catalogue.pt", "calibration.json"
     HISTORY, CURVES, LR_FIND, BOX_METRICS = "history.csv", "curves.png", "lr_find.png", "metrics.json"
+    PROJECTION = "projection.pt"
     LAST_WRITTEN = {WHALES: CALIBRATION, BOXES: BOX_METRICS}  # what a run from before status.json wrote last
 
     def __init__(self, path: str | os.PathLike):
@@ -125,14 +131,56 @@ class Run:
             raise WhalefastError(f"{weights}: does not fit the settings in {self / self.CONFIG} ({len(self.learnt.vocab)} ids); fit it again") from None
         return network.eval()
 
-    def catalogue(self) -> Catalogue:
-        """The catalogue of an arcface run."""
+    # The catalogue
+
+    @property
+    def catalogue_db(self) -> Path:
+        """The catalogue database beside the run folders (models/catalogue.db): the models folder's runs share it."""
+        return self.path.parent / CATALOGUE_DB
+
+    @cached_property
+    def model_key(self) -> str:
+        """What the catalogue database knows this run's embeddings by: a digest of its weights, input spec and projection.
+
+        A refit, or the same weights shown photos another way, is another model; a copy of the run is the same one.
+        """
+        h = hashlib.sha256(file_digest(self / self.WEIGHTS).encode())
+        h.update(json.dumps(self.spec.to_json(), sort_keys=True).encode())
+        if (self / self.PROJECTION).is_file():
+            h.update(file_digest(self / self.PROJECTION).encode())
+        return h.hexdigest()[:24]
+
+    @cached_property
+    def projection(self) -> Projection | None:
+        """How this run stores embeddings in the catalogue smaller (projection.pt), if it does."""
+        path = self / self.PROJECTION
+        return Projection.load(path) if path.is_file() else None
+
+    def open_catalogue(self, db: str | os.PathLike | None = None) -> CatalogueStore:
+        """The catalogue database this run matches against (`db`, or the models folder's).
+
+        A run from before the catalogue database has its catalogue.pt added to it once, with a notice;
+        the file is left as it was. Photos the database holds without this run's embedding are
+        embedded when a Matcher loads it.
+        """
         if not self.method.has_catalogue:
             raise WhalefastError(f"{self.path}: a {self.method.name} model has no catalogue; only arcface models (fit --method arcface) have one")
-        return Catalogue.load(self / self.CATALOGUE)
+        store = CatalogueStore(db or self.catalogue_db)
+        legacy = self / self.CATALOGUE
+        if not store.has_model(self.model_key) and legacy.is_file():
+            raw = load_legacy(legacy)
+            records = [
+                PhotoRecord(Path(p), d, raw["ids"][label], f"{self.name} catalogue.pt")
+                for p, d, label in zip(raw["photos"], raw["digests"], raw["labels"].tolist())
+            ]
+            store.add_photos(records, what=str(legacy), model=self.model_key, vectors=raw["embeddings"].numpy(), keep=True)
+            console.print(f"migrated {legacy} ({len(records)} photos) into the catalogue database {store.path}; {legacy.name} is left as it was")
+        return store
 
-    def save_catalogue(self, catalogue: Catalogue) -> None:
-        catalogue.save(self / self.CATALOGUE)
+    def catalogue(self, db: str | os.PathLike | None = None, photo_filter: PhotoFilter | None = None) -> Catalogue:
+        """The catalogue of an arcface run, read from the catalogue database (only the photos `photo_filter` lets through)."""
+        with self.open_catalogue(db) as store:
+            return Catalogue.from_rows(store.rows(self.model_key, photo_filter), self.learnt.vocab)
 
     def member(self, index: int) -> Run:
         return Run(self.path / MEMBERS_DIR / str(index))

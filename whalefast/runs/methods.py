@@ -19,16 +19,18 @@ from torch import nn
 
 from whalefast import NEW_WHALE
 from whalefast.core.errors import WhalefastError
+from whalefast.core.files import file_digest
 from whalefast.core.ranking import NEW_WHALE_TARGET, score_validation, softmax_scores
 from whalefast.core.spec import InputSpec
 from whalefast.data.loaders import TrainingData
 from whalefast.data.prepared import training_photos
+from whalefast.db.store import PhotoRecord
 from whalefast.nets.forward import embed, unwrap
 from whalefast.nets.heads import EmbeddingHead
 from whalefast.nets.losses import ArcFaceCriterion, MaskedCrossEntropy
 from whalefast.nets.registry import get_arch
 from whalefast.nets.views import Combine, average_probabilities, concatenate_unit
-from whalefast.runs.catalogue import Catalogue
+from whalefast.runs.catalogue import Catalogue, Projection
 from whalefast.runs.config import FitConfig
 
 
@@ -37,6 +39,23 @@ class Known:
 
     def __init__(self, rows: pd.DataFrame, embeddings: torch.Tensor):
         self.rows, self.embeddings = rows, embeddings
+
+
+class Embedded:
+    """One network's outputs for the photos of a fit's data, by name, each computed once (the training-time MAP@5 and calibration share them)."""
+
+    def __init__(self, method: Method, network: nn.Module, spec: InputSpec, data: TrainingData, bs: int, epoch: int | None = None):
+        self.method, self.network, self.spec, self.data, self.bs, self.epoch = method, network, spec, data, bs, epoch
+        self.outputs: dict[str, torch.Tensor] = {}
+
+    def __call__(self, names) -> torch.Tensor:
+        """(photos, outputs) for `names`, embedding those not seen yet."""
+        names = list(names)
+        todo = [n for n in dict.fromkeys(names) if n not in self.outputs]
+        if todo:
+            outputs = self.method.embed(self.network, [self.data.images[n] for n in todo], self.spec, self.bs)
+            self.outputs.update(zip(todo, outputs))
+        return torch.stack([self.outputs[n] for n in names]) if names else torch.zeros(0)
 
 
 class Method:
@@ -57,15 +76,19 @@ class Method:
         """(photos, ids) scores for the network's outputs."""
         raise NotImplementedError
 
-    def known(self, network: nn.Module, spec: InputSpec, data: TrainingData, bs: int, validation_too: bool = True) -> Known | None:
+    def known(self, embedded: Embedded, validation_too: bool = True) -> Known | None:
         """The labelled photos validation ranks against (with `validation_too`, the held-out ones as well: the final catalogue); None without a catalogue."""
         return None
 
-    def validation_id_scores(self, network: nn.Module, spec: InputSpec, data: TrainingData, bs: int, known: Known | None = None) -> torch.Tensor:
+    def validation_id_scores(self, embedded: Embedded, known: Known | None = None, projection: Projection | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def catalogue(self, known: Known | None, vocab: list[str], data_dir: str | Path) -> Catalogue | None:
-        """The catalogue a finished run keeps (None without one)."""
+    def projection(self, known: Known | None, dims: int) -> Projection | None:
+        """How the catalogue stores embeddings smaller (fit --catalogue-dims), fitted on the training photos; None to store them as they are."""
+        return None
+
+    def catalogue_records(self, known: Known | None, data_dir: str | Path, projection: Projection | None) -> tuple[list[PhotoRecord], torch.Tensor] | None:
+        """The photos a finished run puts in the catalogue database, with their embeddings (None without a catalogue)."""
         return None
 
     def known_photos(self, cfg: FitConfig, catalogue: Catalogue | None) -> list[tuple[Path, str]]:
@@ -76,11 +99,10 @@ class Method:
         """The network's outputs for photos, over the spec's views (nets.forward.embed: the one path)."""
         return embed(network, arrays, spec, self.combine, bs=bs, device=device, progress=progress)
 
-    def score_validation(
-        self, network: nn.Module, spec: InputSpec, data: TrainingData, bs: int, known: Known | None = None
-    ) -> tuple[float | None, float, float]:
-        """(new_whale threshold, MAP@5, top-1) on the validation photos, ranked as submit ranks."""
-        scores = self.validation_id_scores(network, spec, data, bs, known)
+    def score_validation(self, embedded: Embedded, known: Known | None = None, projection: Projection | None = None) -> tuple[float | None, float, float]:
+        """(new_whale threshold, MAP@5, top-1) on the validation photos, ranked as submit ranks (in the catalogue's `projection`)."""
+        data = embedded.data
+        scores = self.validation_id_scores(embedded, known, projection)
         return score_validation(scores, validation_targets(data), new_whale_class(data.vocab))
 
 
@@ -96,8 +118,13 @@ def new_whale_class(vocab: list[str]) -> int | None:
     return vocab.index(NEW_WHALE) if NEW_WHALE in vocab else None
 
 
-def _valid_photos(data: TrainingData) -> list:
-    return [data.images[n] for n in data.items[data.items.is_valid].Image]
+def _training_rows(known: Known, ids) -> torch.Tensor:
+    """Which known photos are training photos of the given ids (the catalogue validation is ranked against)."""
+    return torch.tensor((~known.rows.is_valid & known.rows.Id.isin(ids)).to_numpy())
+
+
+def _valid_names(data: TrainingData) -> list[str]:
+    return data.items[data.items.is_valid].Image.tolist()
 
 
 class Softmax(Method):
@@ -115,8 +142,8 @@ class Softmax(Method):
     def id_scores(self, outputs, catalogue):
         return softmax_scores(outputs)
 
-    def validation_id_scores(self, network, spec, data, bs, known=None):
-        return softmax_scores(self.embed(network, _valid_photos(data), spec, bs)).cpu()
+    def validation_id_scores(self, embedded, known=None, projection=None):
+        return softmax_scores(embedded(_valid_names(embedded.data))).cpu()
 
 
 class ArcFace(Method):
@@ -134,26 +161,32 @@ class ArcFace(Method):
     def id_scores(self, outputs, catalogue):
         return catalogue.scores(outputs)
 
-    def known(self, network, spec, data, bs, validation_too=True):
-        items = data.items
+    def known(self, embedded, validation_too=True):
+        items = embedded.data.items
         rows = items[(items.Id != NEW_WHALE) & (validation_too | ~items.is_valid)]
-        embeddings = self.embed(network, [data.images[n] for n in rows.Image], spec, bs)
-        return Known(rows, F.normalize(embeddings.float(), dim=1))
+        return Known(rows, F.normalize(embedded(rows.Image).float(), dim=1))
 
-    def validation_id_scores(self, network, spec, data, bs, known=None):
+    def validation_id_scores(self, embedded, known=None, projection=None):
         """Ranked against a catalogue of the training photos alone, so no validation photo finds itself."""
-        known = known or self.known(network, spec, data, bs, validation_too=False)
+        data = embedded.data
+        known = known or self.known(embedded, validation_too=False)
         encoder = {v: i for i, v in enumerate(data.vocab)}
-        train = torch.tensor((~known.rows.is_valid & known.rows.Id.isin(encoder)).to_numpy())
+        train = _training_rows(known, encoder)
         labels = torch.tensor([encoder[i] for i in known.rows.Id[train.numpy()]])
-        outputs = self.embed(network, _valid_photos(data), spec, bs)
-        catalogue = Catalogue(known.embeddings[train.to(known.embeddings.device)], labels, list(data.vocab), [], [])
-        return catalogue.scores(outputs).cpu()
+        catalogue, queries = known.embeddings[train.to(known.embeddings.device)], embedded(_valid_names(data))
+        if projection is not None:
+            catalogue, queries = projection(catalogue), projection(queries)
+        return Catalogue(catalogue, labels, list(data.vocab), [], []).scores(queries).cpu()
 
-    def catalogue(self, known, vocab, data_dir):
+    def projection(self, known, dims):
+        train = _training_rows(known, set(known.rows.Id))
+        return Projection.fit(known.embeddings[train.to(known.embeddings.device)], dims)
+
+    def catalogue_records(self, known, data_dir, projection):
         """Every labelled clean photo, the validation ones included: validation has done its job by now, and a whale whose only photos were held out must still be findable."""
         photos = [Path(data_dir) / "train" / n for n in known.rows.Image]
-        return Catalogue.build(known.embeddings, vocab, known.rows.Id.tolist(), photos)
+        records = [PhotoRecord(p, file_digest(p), wid, "training") for p, wid in zip(photos, known.rows.Id)]
+        return records, projection(known.embeddings) if projection is not None else known.embeddings
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (Softmax(), ArcFace())}
@@ -177,15 +210,19 @@ class ValidationMAP(Callback):
 
     order = Recorder.order - 60  # before validation starts, so the Recorder logs the values this epoch
 
-    def __init__(self, method: Method, spec: InputSpec, data: TrainingData, bs: int, every: int = 1):
-        self.method, self.spec, self.data, self.bs, self.every = method, spec, data, bs, every
+    def __init__(self, method: Method, spec: InputSpec, data: TrainingData, bs: int, every: int = 1, catalogue_dims: int = 0):
+        self.method, self.spec, self.data, self.bs, self.every, self.catalogue_dims = method, spec, data, bs, every, catalogue_dims
         self.map5 = self.top1 = None
+        self.embedded: Embedded | None = None  # the last scored epoch's outputs: calibration reuses them when that epoch's weights are the best
 
     def before_validate(self):
         self.map5 = self.top1 = None
         if (self.epoch + 1) % self.every and self.epoch + 1 < self.n_epoch:
             return
-        _, self.map5, self.top1 = self.method.score_validation(unwrap(self.model), self.spec, self.data, self.bs)
+        self.embedded = Embedded(self.method, unwrap(self.model), self.spec, self.data, self.bs, epoch=self.epoch)
+        known = self.method.known(self.embedded, validation_too=False)
+        projection = self.method.projection(known, self.catalogue_dims)
+        _, self.map5, self.top1 = self.method.score_validation(self.embedded, known, projection)
 
     def metrics(self) -> list[ValueMetric]:
         return [ValueMetric(lambda: self.map5, "map5"), ValueMetric(lambda: self.top1, "top1")]

@@ -34,7 +34,7 @@ def predict(images: list[str | os.PathLike], model: Matcher | str | os.PathLike,
     matcher = model if isinstance(model, Matcher) else Matcher(model)
     loaded = [(p, *matcher.loader.load(p)) for p in photos]
     readable = [(p, a) for p, a, problem in loaded if not problem]
-    ranked = iter(matcher.rank(matcher.scores([a for _, a in readable]), k=top)) if readable else iter(())
+    ranked = iter(matcher.ranked([a for _, a in readable], k=top)) if readable else iter(())
     results = []
     for path, _, problem in loaded:
         if problem:

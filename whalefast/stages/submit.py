@@ -14,6 +14,7 @@ from whalefast.core.files import file_digest, write_csv
 from whalefast.core.labels import read_labels
 from whalefast.data.layout import test_images
 from whalefast.data.prepared import TEST_MATCHES, check_prepared, image_cache
+from whalefast.db.filters import PhotoFilter
 from whalefast.match.matcher import Matcher
 from whalefast.runs.folder import Run
 
@@ -50,21 +51,32 @@ def apply_matches(ranked: list[str], matched: list[str], k: int = 5) -> list[str
     return list(dict.fromkeys(matched + ranked))[:k]
 
 
-def submit(data: str | os.PathLike, run_dir: str | os.PathLike, out: str | os.PathLike = "submission.csv", tta: bool = True, prepared=None) -> dict:
-    """Predict every test photo and write `out` (Image,Id with five ids) atomically; returns a summary."""
+def submit(
+    data: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    out: str | os.PathLike = "submission.csv",
+    tta: bool = True,
+    prepared=None,
+    db: str | os.PathLike | None = None,
+    photo_filter: PhotoFilter | None = None,
+) -> dict:
+    """Predict every test photo and write `out` (Image,Id with up to five ids) atomically; returns a summary.
+
+    An arcface run matches against the catalogue database `db` (the models folder's by default),
+    only the photos `photo_filter` lets through.
+    """
     data = Path(data)
     prepared = Path(prepared) if prepared else data / "prepared"
     names = test_images(data)
     check_prepared(prepared)
     run = Run.open(run_dir)
     check_same_data(run, data)
-    matcher = Matcher(run, tta=tta)
+    matcher = Matcher(run, tta=tta, db=db, photo_filter=photo_filter)
     images = image_cache(data, prepared, "test", names, matcher.spec)
     unreadable = [n for n in names if n in images.problems]
     readable = [n for n in names if n not in images.problems]
     with progress_bar("predicting test/", len(readable)) as advance:
-        scores = matcher.scores([images[n] for n in readable], progress=advance)
-    ranked = dict(zip(readable, matcher.rank(scores)))
+        ranked = dict(zip(readable, matcher.ranked([images[n] for n in readable], progress=advance)))
     fallback = [(NEW_WHALE, 0.0)] + [(i, 0.0) for i in matcher.ids[:4]]
     matches = hash_matches(prepared)
     rows, top_scores = [], []

@@ -21,7 +21,8 @@ function setUpComparison() {
   if (!known || !zoom) return;
   const panes = [document.querySelector("#pane-query img"), known];
   function compare(img) {
-    known.src = "/photo/known/" + img.dataset.index;
+    known.src = "/photo/known/" + img.dataset.index + "?view=crop";
+    document.getElementById("known-whole").href = "/photo/known/" + img.dataset.index;
     document.getElementById("compare-label").textContent = "query beside " + img.dataset.id;
   }
   zoom.addEventListener("input", ev => {
