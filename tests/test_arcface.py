@@ -85,8 +85,8 @@ def test_the_training_time_map5_is_scored_as_calibration_scores_it(tiny_arcface,
 
     from whalefast.data.loaders import TrainingData, training_items
     from whalefast.data.prepared import image_cache, load_split
+    from whalefast.learn.callbacks import ValidationMAP
     from whalefast.runs.folder import Run
-    from whalefast.runs.methods import ValidationMAP
 
     run_dir, result = tiny_arcface
     run = Run.open(run_dir)

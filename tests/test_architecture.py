@@ -86,3 +86,18 @@ def test_the_inference_side_never_imports_training():
                 reached.add(target)
                 todo.append(target)
     assert sorted(m for m in reached if unit(m) == "learn") == []
+
+
+TRAINING_ONLY = ("fastai", "fastcore", "fasttransform", "sklearn", "pytorch_metric_learning", "accelerate", "matplotlib", "torchvision", "timm")
+
+
+def test_matching_loads_no_training_library_until_it_builds_a_network():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, whalefast.cli, whalefast.match.matcher, whalefast.stages.predict, whalefast.stages.submit, whalefast.stages.catalogue, whalefast.review.app\n"
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({TRAINING_ONLY!r})))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"  # predict, submit, catalogue and serve start without fastai (seconds of imports on 2 cores)

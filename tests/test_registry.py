@@ -66,3 +66,21 @@ def test_backbone_stages_of_a_resnet():
     stem, *stages = backbone_stages(build_model("resnet18", 2)[0])
     assert [type(m).__name__ for m in stem] == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"]
     assert len(stages) == 4 and all(len(s) == 1 and len(s[0]) == 2 for s in stages)  # layer1-4, two blocks each
+
+
+@pytest.mark.parametrize("arch", ["efficientnet-lite0", "resnet18"])
+def test_an_embedding_network_is_built_as_fastai_builds_it_without_fastai(arch):
+    from fastai.vision.learner import create_vision_model
+
+    from whalefast.nets.heads import EmbeddingHead
+
+    spec = get_arch(arch)
+    head = EmbeddingHead(spec.features, embed_dim=16, n_classes=5, margin=0.5, scale=30.0, parts=2)
+    ours, fastais = build_model(arch, 5, head=head), create_vision_model(spec.build, 5, pretrained=False, custom_head=head)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in fastais.state_dict().items()}  # a checkpoint loads in either
+    ours.load_state_dict(fastais.state_dict())
+    x = torch.rand(2, 3, 64, 128)
+    assert torch.allclose(ours.eval()(x), fastais.eval()(x), atol=1e-5)
+    inference = build_model(arch, 5, head=EmbeddingHead(spec.features, embed_dim=16, n_classes=5, margin=0.5, scale=30.0, parts=2, training=False))
+    inference.load_state_dict(fastais.state_dict())  # the same checkpoint, without pytorch-metric-learning's losses
+    assert torch.allclose(inference.eval()(x), fastais(x), atol=1e-5)

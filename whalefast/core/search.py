@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-INDEX_FROM = 4_000_000  # photos from which a catalogue is searched through the index: exact search takes about 55 ms per million photos on 2 cores (bench/catalogue_scale.py)
+INDEX_FROM = 4_000_000  # photos from which a catalogue is searched through the index: exact search takes about 60 ms per million photos on 2 cores (bench/catalogue_scale.py)
 SHORTLIST = 128  # photos the index proposes per query, re-scored exactly
 PROBE_SHARE = 0.8  # share of the inverted lists searched per query: whale embeddings are not clustered enough for fewer to keep recall@5 at 0.99
 TRAIN_PER_CELL = 40  # k-means training photos per cell (faiss wants at least 39)

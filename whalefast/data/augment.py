@@ -72,9 +72,6 @@ class FlukeAugment(Transform):
         return ((out - 0.45) * contrast + 0.45 + brightness).as_subclass(type(x))
 
 
-AUGMENTS = ("reference", "fluke")
-
-
 def shift_and_flip(x: torch.Tensor, boxes: torch.Tensor, max_shift: float = 0.15, zoom=(0.85, 1.3)) -> tuple[torch.Tensor, torch.Tensor]:
     """Random horizontal flips, zooms and shifts of a batch, with its boxes (fractions of the photo) moved to match."""
     n, device = len(x), x.device

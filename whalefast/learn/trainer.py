@@ -29,7 +29,7 @@ from whalefast.core.files import atomic_path, file_digest, load_saved, save_torc
 from whalefast.core.spec import InputSpec
 from whalefast.data.loaders import TrainingData, whale_dataloaders
 from whalefast.learn.calibration import finish
-from whalefast.learn.callbacks import Checkpoints, History, StartRunFolder, StepSchedule, StopOnNonFiniteLoss, body_and_head
+from whalefast.learn.callbacks import Checkpoints, History, StartRunFolder, StepSchedule, StopOnNonFiniteLoss, ValidationMAP, body_and_head
 from whalefast.learn.curves import plot_curves
 from whalefast.learn.distributed import barrier, init_distributed, rank0_first
 from whalefast.learn.state import load_optimizer_state, set_rng_state
@@ -38,7 +38,7 @@ from whalefast.nets.registry import freeze_stages, get_arch
 from whalefast.nets.views import Ensemble
 from whalefast.runs.config import RESUMABLE_CHANGES, FitConfig, Learnt, check_config, check_resume, member_config, resolve_input_spec
 from whalefast.runs.folder import Run
-from whalefast.runs.methods import Embedded, ValidationMAP, get_method
+from whalefast.runs.methods import Embedded, get_method
 
 
 def sgd_like_torch(params, lr, mom=0.9, wd=1e-4):

@@ -38,6 +38,14 @@ def strips(x: torch.Tensor, parts: int) -> list[torch.Tensor]:
     return [x[..., cut(width, i)] for i in range(parts)] + [x[..., cut(height, i), :] for i in range(parts)]
 
 
+class ClassCentres(nn.Module):
+    """An ArcFace loss's class centres (`W`, as pytorch-metric-learning keeps them) without the loss: what a finished run's checkpoint holds and inference never uses."""
+
+    def __init__(self, embed_dim: int, centres: int):
+        super().__init__()
+        self.W = nn.Parameter(torch.zeros(embed_dim, centres))
+
+
 class EmbeddingHead(nn.Module):
     """GeM pooling and a linear map to `embed_dim` with batch-norm; the ArcFace class centres live here too, so the optimiser trains them.
 
@@ -48,19 +56,21 @@ class EmbeddingHead(nn.Module):
     mean of theirs, as for ensemble members.
     """
 
-    def __init__(self, features: int, embed_dim: int, n_classes: int, margin: float, scale: float, sub_centers: int = 1, parts: int = 0):
+    def __init__(self, features: int, embed_dim: int, n_classes: int, margin: float, scale: float, sub_centers: int = 1, parts: int = 0, training: bool = True):
         super().__init__()
         self.parts = parts
-        self.embed, self.arcface = self._branch(features, embed_dim, n_classes, margin, scale, sub_centers)
-        branches = [self._branch(features, embed_dim, n_classes, margin, scale, sub_centers) for _ in range(2 * parts)]
+        self.embed, self.arcface = self._branch(features, embed_dim, n_classes, margin, scale, sub_centers, training)
+        branches = [self._branch(features, embed_dim, n_classes, margin, scale, sub_centers, training) for _ in range(2 * parts)]
         self.part_embeds = nn.ModuleList(b[0] for b in branches)
         self.part_arcfaces = nn.ModuleList(b[1] for b in branches)
 
     @staticmethod
-    def _branch(features: int, embed_dim: int, n_classes: int, margin: float, scale: float, sub_centers: int) -> tuple[nn.Module, nn.Module]:
+    def _branch(features: int, embed_dim: int, n_classes: int, margin: float, scale: float, sub_centers: int, training: bool) -> tuple[nn.Module, nn.Module]:
+        embed = nn.Sequential(GeM(), nn.Linear(features, embed_dim), nn.BatchNorm1d(embed_dim))
+        if not training:
+            return embed, ClassCentres(embed_dim, n_classes * max(1, sub_centers))
         from pytorch_metric_learning.losses import ArcFaceLoss, SubCenterArcFaceLoss
 
-        embed = nn.Sequential(GeM(), nn.Linear(features, embed_dim), nn.BatchNorm1d(embed_dim))
         # pytorch-metric-learning takes the margin in degrees.
         degrees = float(torch.rad2deg(torch.tensor(margin)))
         if sub_centers > 1:

@@ -6,6 +6,7 @@ the names in its help without them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -139,15 +140,31 @@ def freeze_stages(model: nn.Module, n: int) -> None:
             module.requires_grad_(False)
 
 
+def body_of(model: nn.Module) -> nn.Module:
+    """The model's children up to its last one that pools: the body fastai's vision_learner cuts (create_body), built without importing fastai."""
+    from torch import nn
+
+    def pools(module: nn.Module) -> bool:
+        return bool(re.search(r"Pool[123]d$", type(module).__name__)) or any(pools(child) for child in module.children())
+
+    children = list(model.children())
+    cut = next(i for i in reversed(range(len(children))) if pools(children[i]))
+    return nn.Sequential(*children[:cut])
+
+
 def build_model(arch: str, n_out: int, head: nn.Module | None = None) -> nn.Module:
     """The same network as `build_learner` makes, without data or weights (for inference from a checkpoint)."""
-    from fastai.vision.learner import create_head
     from torch import nn
 
     spec = get_arch(arch)
+    if spec.vision_learner and head is not None:
+        return nn.Sequential(body_of(spec.build(False)), head)
     if spec.vision_learner:
         from fastai.vision.learner import create_vision_model
 
-        return create_vision_model(spec.build, n_out, pretrained=False, custom_head=head)
-    head = head if head is not None else create_head(spec.features, n_out, concat_pool=True)
+        return create_vision_model(spec.build, n_out, pretrained=False)
+    if head is None:
+        from fastai.vision.learner import create_head  # fastai's classifier head; an embedding head needs no fastai (seconds of imports)
+
+        head = create_head(spec.features, n_out, concat_pool=True)
     return nn.Sequential(spec.build(False), head)

@@ -13,7 +13,6 @@ from pathlib import Path
 from whalefast.core.errors import WhalefastError
 from whalefast.core.images import MAX_SIDE, as_scales, as_size, size_text
 from whalefast.core.spec import InputSpec
-from whalefast.data.augment import AUGMENTS
 from whalefast.data.prepared import BOXES, prepare_settings
 from whalefast.nets.registry import get_arch, stage_count
 from whalefast.runs.recipes import recipe
@@ -176,6 +175,7 @@ def legacy_input_spec(raw: dict) -> InputSpec:
 
 
 # Upper bounds that keep a typo from asking for terabytes: an embedding of 100 million numbers, a thousand networks.
+AUGMENTS = ("reference", "fluke")  # the training pipelines of whalefast.data.loaders (flips; whalefast.data.augment.FlukeAugment)
 LIMITS = {"embed_dim": 8192, "sub_centers": 64, "members": 64, "epochs": 10_000, "bs": 65_536, "catalogue_dims": 8192}
 
 

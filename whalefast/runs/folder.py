@@ -229,4 +229,4 @@ def whale_network(cfg: FitConfig, n_classes: int) -> nn.Module:
     method = get_method(cfg.method)
     if cfg.members > 1:
         return Ensemble([whale_network(member_config(cfg, i), n_classes) for i in range(cfg.members)], method.combine)
-    return build_model(cfg.arch, n_classes, head=method.head(cfg, n_classes))
+    return build_model(cfg.arch, n_classes, head=method.head(cfg, n_classes, training=False))

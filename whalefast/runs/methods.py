@@ -8,13 +8,11 @@ at submit). Adding a method means adding a class here and a name to METHODS.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from fastai.callback.core import Callback
-from fastai.learner import Recorder
-from fastai.metrics import ValueMetric
 from torch import nn
 
 from whalefast import NEW_WHALE
@@ -22,16 +20,17 @@ from whalefast.core.errors import WhalefastError
 from whalefast.core.files import file_digest
 from whalefast.core.ranking import NEW_WHALE_TARGET, score_validation, softmax_scores
 from whalefast.core.spec import InputSpec
-from whalefast.data.loaders import TrainingData
 from whalefast.data.prepared import training_photos
 from whalefast.db.store import PhotoRecord
-from whalefast.nets.forward import embed, unwrap
+from whalefast.nets.forward import embed
 from whalefast.nets.heads import EmbeddingHead
-from whalefast.nets.losses import ArcFaceCriterion, MaskedCrossEntropy
 from whalefast.nets.registry import get_arch
 from whalefast.nets.views import Combine, average_probabilities, concatenate_unit
 from whalefast.runs.catalogue import Catalogue, Projection
 from whalefast.runs.config import FitConfig
+
+if TYPE_CHECKING:  # the inference side never loads fastai: only training builds TrainingData
+    from whalefast.data.loaders import TrainingData
 
 
 class Known:
@@ -65,8 +64,8 @@ class Method:
     has_catalogue: bool
     combine: Combine
 
-    def head(self, cfg: FitConfig, n_classes: int) -> nn.Module | None:
-        """The head on the backbone (None: fastai's classifier head)."""
+    def head(self, cfg: FitConfig, n_classes: int, training: bool = True) -> nn.Module | None:
+        """The head on the backbone (None: fastai's classifier head); without `training`, only what inference and its checkpoint need."""
         raise NotImplementedError
 
     def loss(self, head: nn.Module | None) -> nn.Module:
@@ -133,10 +132,12 @@ class Softmax(Method):
     name, has_catalogue = "softmax", False
     combine = staticmethod(average_probabilities)
 
-    def head(self, cfg, n_classes):
+    def head(self, cfg, n_classes, training=True):
         return None
 
     def loss(self, head):
+        from whalefast.nets.losses import MaskedCrossEntropy  # training only: keeps torchvision out of inference
+
         return MaskedCrossEntropy()
 
     def id_scores(self, outputs, catalogue):
@@ -152,10 +153,12 @@ class ArcFace(Method):
     name, has_catalogue = "arcface", True
     combine = staticmethod(concatenate_unit)
 
-    def head(self, cfg, n_classes):
-        return EmbeddingHead(get_arch(cfg.arch).features, cfg.embed_dim, n_classes, cfg.margin, cfg.scale, cfg.sub_centers, cfg.parts)
+    def head(self, cfg, n_classes, training=True):
+        return EmbeddingHead(get_arch(cfg.arch).features, cfg.embed_dim, n_classes, cfg.margin, cfg.scale, cfg.sub_centers, cfg.parts, training)
 
     def loss(self, head):
+        from whalefast.nets.losses import ArcFaceCriterion  # training only
+
         return ArcFaceCriterion(head)
 
     def id_scores(self, outputs, catalogue):
@@ -198,31 +201,3 @@ def get_method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise WhalefastError(f"unknown method {name!r}; choose one of: {', '.join(METHODS)}") from None
-
-
-class ValidationMAP(Callback):
-    """Validation MAP@5 and top-1, ranked as submit ranks, every `every` epochs and at the last: the `map5` and `top1` metrics.
-
-    Scored by the method's own validation path with the run's views, as calibration scores it. Between
-    those epochs the metrics are empty: embedding every training photo takes 6-12 s of a 50-80 s
-    epoch on 2 CPU cores (the flukes recipe).
-    """
-
-    order = Recorder.order - 60  # before validation starts, so the Recorder logs the values this epoch
-
-    def __init__(self, method: Method, spec: InputSpec, data: TrainingData, bs: int, every: int = 1, catalogue_dims: int = 0):
-        self.method, self.spec, self.data, self.bs, self.every, self.catalogue_dims = method, spec, data, bs, every, catalogue_dims
-        self.map5 = self.top1 = None
-        self.embedded: Embedded | None = None  # the last scored epoch's outputs: calibration reuses them when that epoch's weights are the best
-
-    def before_validate(self):
-        self.map5 = self.top1 = None
-        if (self.epoch + 1) % self.every and self.epoch + 1 < self.n_epoch:
-            return
-        self.embedded = Embedded(self.method, unwrap(self.model), self.spec, self.data, self.bs, epoch=self.epoch)
-        known = self.method.known(self.embedded, validation_too=False)
-        projection = self.method.projection(known, self.catalogue_dims)
-        _, self.map5, self.top1 = self.method.score_validation(self.embedded, known, projection)
-
-    def metrics(self) -> list[ValueMetric]:
-        return [ValueMetric(lambda: self.map5, "map5"), ValueMetric(lambda: self.top1, "top1")]
