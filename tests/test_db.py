@@ -170,7 +170,7 @@ def test_export_writes_darwin_core_columns_spreadsheet_safe_and_photo_folders(tm
     import_sightings(tmp_path / "c.db", csv, photos)
     result = export_catalogue(tmp_path / "c.db", tmp_path / "out.csv", tmp_path / "by-id")
     table = pd.read_csv(tmp_path / "out.csv", dtype=str, keep_default_na=False)
-    assert result == {"out": str(tmp_path / "out.csv"), "photos": 4, "individuals": 3}
+    assert result == {"out": str(tmp_path / "out.csv"), "photos": 4, "individuals": 3, "copied": 4, "missing": 0}
     assert list(table.columns[:9]) == ["Image", "Id", "eventDate", "eventTime", "locality", "decimalLatitude", "decimalLongitude", "recordedBy", "occurrenceID"]
     assert table.set_index("occurrenceID").recordedBy["occ-4"] == "'=cmd|' /C calc'!A0"  # never a formula in a spreadsheet
     assert sorted(p.relative_to(tmp_path / "by-id").as_posix() for p in (tmp_path / "by-id").rglob("*.jpg")) == [
@@ -183,6 +183,24 @@ def test_export_writes_darwin_core_columns_spreadsheet_safe_and_photo_folders(tm
     table.assign(Image=[p.split("/")[-1] for p in table.Image]).to_csv(reimported, index=False)
     (tmp_path / "again.csv").write_text((tmp_path / "again.csv").read_text().replace("'=cmd", "=cmd"))
     assert import_sightings(tmp_path / "c.db", reimported, photos)["added_photos"] == 0  # an export imports back as the same photos
+    assert export_catalogue(tmp_path / "c.db", tmp_path / "out.csv", tmp_path / "by-id")["copied"] == 0  # again: nothing copied twice
+
+
+def test_exported_photo_folders_keep_two_photos_of_one_file_name(tmp_path):
+    for folder, data in (("a", b"first photo"), ("b", b"second photo")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "IMG_0001.jpg").write_bytes(data)
+        (tmp_path / f"{folder}.csv").write_text("Image,Id\nIMG_0001.jpg,w_a\n")
+        import_sightings(tmp_path / "c.db", tmp_path / f"{folder}.csv", tmp_path / folder)
+    (tmp_path / "c.csv").write_text("Image,Id\nIMG_0001.jpg,w_b\n")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "IMG_0001.jpg").write_bytes(b"third photo")
+    import_sightings(tmp_path / "c.db", tmp_path / "c.csv", tmp_path / "c")
+    (tmp_path / "c" / "IMG_0001.jpg").unlink()  # a photo that has gone from disk
+    result = export_catalogue(tmp_path / "c.db", tmp_path / "out.csv", tmp_path / "by-id")
+    copies = sorted((tmp_path / "by-id").rglob("*.jpg"))
+    assert (result["copied"], result["missing"]) == (2, 1) and len(copies) == 2
+    assert sorted(p.read_bytes() for p in copies) == [b"first photo", b"second photo"] and {p.parent.name for p in copies} == {"w_a"}
 
 
 def test_photo_paths_follow_the_photo_root(tmp_path, sightings):

@@ -18,6 +18,7 @@ from typer.core import TyperGroup
 
 from whalefast import __version__
 from whalefast.core.errors import WhalefastError
+from whalefast.db import CATALOGUE_DB
 
 # A deprecation notice raised inside a dependency at import time; it says nothing to a whalefast user.
 warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
@@ -347,7 +348,20 @@ def _filter(where, since, until, near, within_km):
 
 
 def _db(db: Path | None, models_dir: Path) -> Path:
-    return db or models_dir / "catalogue.db"
+    return db or models_dir / CATALOGUE_DB
+
+
+def _curate(db: Path | None, models_dir: Path, action: str, *ids: str) -> dict:
+    """merge, unmerge or rename in the catalogue database, or exit with its one-line error."""
+    from whalefast.stages.catalogue import curate
+
+    return _run(curate, _db(db, models_dir), action, *ids)
+
+
+def _say(line: str) -> None:
+    from whalefast.core.console import results
+
+    results.print(line, highlight=False)
 
 
 def _report_added(r: dict, results) -> None:
@@ -559,7 +573,9 @@ def catalogue_export(
 
     r = _run(export_catalogue, _db(db, models_dir), out, photos)
     results.print(
-        f"wrote {r['photos']} photos of {r['individuals']} individuals to {r['out']}" + (f"; copied the photos to {photos}" if photos else ""), highlight=False
+        f"wrote {r['photos']} photos of {r['individuals']} individuals to {r['out']}"
+        + (f"; copied {r['copied']} photos to {photos}" + (f" ({r['missing']} not found on disk)" if r["missing"] else "") if photos else ""),
+        highlight=False,
     )
 
 
@@ -592,11 +608,8 @@ def catalogue_merge(
     models_dir: ModelsDirOpt = Path("models"),
 ):
     """Merge two ids found to be one whale (recorded; undone with `catalogue unmerge`)."""
-    from whalefast.core.console import results
-    from whalefast.stages.catalogue import curate
-
-    r = _run(curate, _db(db, models_dir), "merge", keep, merged)
-    results.print(f"merged {r['merged']} into {r['kept']}: {r['photos']} photos moved; undo with `whalefast catalogue unmerge {r['merged']}`", highlight=False)
+    r = _curate(db, models_dir, "merge", keep, merged)
+    _say(f"merged {r['merged']} into {r['kept']}: {r['photos']} photos moved; undo with `whalefast catalogue unmerge {r['merged']}`")
 
 
 @catalogue_app.command("unmerge")
@@ -604,11 +617,8 @@ def catalogue_unmerge(
     merged: Annotated[str, typer.Argument(help="An id that was merged into another.")], db: DbOpt = None, models_dir: ModelsDirOpt = Path("models")
 ):
     """Undo a merge: the id is an individual again, with the photos it had."""
-    from whalefast.core.console import results
-    from whalefast.stages.catalogue import curate
-
-    r = _run(curate, _db(db, models_dir), "unmerge", merged)
-    results.print(f"{r['restored']} is an individual again, with {r['photos']} photos back from {r['from']}", highlight=False)
+    r = _curate(db, models_dir, "unmerge", merged)
+    _say(f"{r['restored']} is an individual again, with {r['photos']} photos back from {r['from']}")
 
 
 @catalogue_app.command("rename")
@@ -619,11 +629,8 @@ def catalogue_rename(
     models_dir: ModelsDirOpt = Path("models"),
 ):
     """Give an individual a new id; the old one still finds it."""
-    from whalefast.core.console import results
-    from whalefast.stages.catalogue import curate
-
-    r = _run(curate, _db(db, models_dir), "rename", old, new)
-    results.print(f"renamed {r['from']} to {r['to']}", highlight=False)
+    r = _curate(db, models_dir, "rename", old, new)
+    _say(f"renamed {r['from']} to {r['to']}")
 
 
 @catalogue_app.command("root")

@@ -15,6 +15,7 @@ import json
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from whalefast.db import schema
 from whalefast.db.filters import PhotoFilter, distance_km
 
 METADATA = ("occurrence_id", "event_date", "event_time", "locality", "latitude", "longitude", "photographer", "side", "quality")
+IN_CHUNK = 500  # values in one IN (...) list: well under SQLite's limit on parameters
 FINAL = ("same", "new")  # review decisions that put a photo in the catalogue; a later one is refused
 
 
@@ -183,28 +185,20 @@ class CatalogueStore:
 
     def individual(self, name: str) -> str | None:
         """The individual `name` is (an id, or an alias of one), or None."""
-        row = self.query("SELECT id FROM individuals WHERE id = ? UNION SELECT individual FROM aliases WHERE alias = ?", (name, name))
-        return row[0][0] if row else None
+        with self.lock:
+            return _individual_of(self.db, name)
 
     def _ensure_individual(self, db: sqlite3.Connection, name: str) -> tuple[str, bool]:
         """(the individual `name` is, whether it was created); a new id must follow the id rule."""
-        row = db.execute("SELECT id FROM individuals WHERE id = ? UNION SELECT individual FROM aliases WHERE alias = ?", (name, name)).fetchone()
-        if row:
-            return row[0], False
+        found = _individual_of(db, name)
+        if found is not None:
+            return found, False
         if not is_valid_id(name):
             raise WhalefastError(f"{name!r}: not a valid id (an id is {ID_RULE})")
         db.execute("INSERT INTO individuals (id, created) VALUES (?, ?)", (name, now()))
         return name, True
 
     # Photos
-
-    def photos_by_digest(self, digests: list[str]) -> dict[str, sqlite3.Row]:
-        out = {}
-        for start in range(0, len(digests), 500):
-            chunk = digests[start : start + 500]
-            rows = self.query(f"SELECT id, digest, individual, path FROM photos WHERE digest IN ({','.join('?' * len(chunk))})", chunk)
-            out.update({r["digest"]: r for r in rows})
-        return out
 
     def add_photos(
         self, records: list[PhotoRecord], relabel: bool = False, what: str = "photos", model: str | None = None, vectors=None, keep: bool = False
@@ -221,17 +215,15 @@ class CatalogueStore:
 
     def _ids_of(self, db, digests: list[str]) -> list[int]:
         found = {}
-        for start in range(0, len(digests), 500):
-            chunk = digests[start : start + 500]
-            found.update(db.execute(f"SELECT digest, id FROM photos WHERE digest IN ({','.join('?' * len(chunk))})", chunk).fetchall())
+        for chunk, marks in _in_chunks(digests):
+            found.update(db.execute(f"SELECT digest, id FROM photos WHERE digest IN ({marks})", chunk).fetchall())
         return [found[d] for d in digests]
 
     def _add(self, db: sqlite3.Connection, records: list[PhotoRecord], relabel: bool, what: str, keep: bool = False) -> Added:
         result, seen = Added(), {}
         existing = {}
-        for start in range(0, len(records), 500):
-            chunk = [r.digest for r in records[start : start + 500]]
-            existing.update({row["digest"]: row for row in db.execute(f"SELECT * FROM photos WHERE digest IN ({','.join('?' * len(chunk))})", chunk)})
+        for chunk, marks in _in_chunks([r.digest for r in records]):
+            existing.update({row["digest"]: row for row in db.execute(f"SELECT * FROM photos WHERE digest IN ({marks})", chunk)})
         conflicts = []
         for r in records:
             if r.digest in seen:
@@ -284,9 +276,8 @@ class CatalogueStore:
     def _put(db, model: str, photo_ids, vectors) -> None:
         vectors, photo_ids = np.asarray(vectors, dtype=np.float32), [int(p) for p in photo_ids]
         vectors = (vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)).astype(np.float16)  # search relies on unit rows
-        for start in range(0, len(photo_ids), 500):
-            chunk = photo_ids[start : start + 500]
-            if db.execute(f"SELECT 1 FROM embeddings WHERE model = ? AND photo IN ({','.join('?' * len(chunk))}) LIMIT 1", (model, *chunk)).fetchone():
+        for chunk, marks in _in_chunks(photo_ids):
+            if db.execute(f"SELECT 1 FROM embeddings WHERE model = ? AND photo IN ({marks}) LIMIT 1", (model, *chunk)).fetchone():
                 _labels_changed(db)  # an embedding is replaced: readers must reload, not append
                 break
         db.executemany(
@@ -310,12 +301,8 @@ class CatalogueStore:
         where, params = (photo_filter or PhotoFilter()).sql()
         if after:  # a few new embeddings: a range of rowids (the unary + keeps SQLite off the model index, which would scan them all), then their photos
             tables, model_term, order = "embeddings e CROSS JOIN photos p ON p.id = e.photo", "+e.model", "e.rowid"
-        else:
-            tables, model_term, order = (
-                "photos p JOIN embeddings e ON e.photo = p.id",
-                "e.model",
-                "e.photo",
-            )  # the (model, photo) key's order: no sort of a million rows
+        else:  # all of them in the (model, photo) key's order: no sort of a million rows
+            tables, model_term, order = "photos p JOIN embeddings e ON e.photo = p.id", "e.model", "e.photo"
         sql = f"FROM {tables} WHERE {model_term} = ? AND p.individual IS NOT NULL AND e.rowid > ? AND {where}"
         params = (model, after, *params)
         root = str(self.photo_root)
@@ -394,7 +381,7 @@ class CatalogueStore:
             raise WhalefastError(f"{new!r}: not a valid id (an id is {ID_RULE})")
         with self.transaction() as db:
             current = self._existing(db, old)
-            if db.execute("SELECT 1 FROM individuals WHERE id = ? UNION SELECT 1 FROM aliases WHERE alias = ?", (new, new)).fetchone():
+            if _individual_of(db, new) is not None:
                 raise WhalefastError(f"{new} is already an individual or an alias; merge them instead (`whalefast catalogue merge {new} {old}`)")
             db.execute("UPDATE individuals SET id = ? WHERE id = ?", (new, current))  # photos and aliases follow (ON UPDATE CASCADE)
             _labels_changed(db)
@@ -403,10 +390,10 @@ class CatalogueStore:
         return {"from": current, "to": new}
 
     def _existing(self, db, name: str) -> str:
-        row = db.execute("SELECT id FROM individuals WHERE id = ? UNION SELECT individual FROM aliases WHERE alias = ?", (name, name)).fetchone()
-        if row is None:
+        found = _individual_of(db, name)
+        if found is None:
             raise WhalefastError(f"{name}: no such individual in {self.path}")
-        return row[0]
+        return found
 
     def history(self, limit: int = 50) -> list[dict]:
         return [dict(r) | {"details": json.loads(r["details"])} for r in self.query("SELECT * FROM history ORDER BY id DESC LIMIT ?", (limit,))]
@@ -507,6 +494,19 @@ def _metadata(metadata: dict, key: str):
     if key in ("latitude", "longitude"):
         return None if value in (None, "") else float(value)
     return "" if value is None else str(value)
+
+
+def _individual_of(db: sqlite3.Connection, name: str) -> str | None:
+    """The individual `name` is: its own id, or the id it is an alias of; None if neither."""
+    row = db.execute("SELECT id FROM individuals WHERE id = ? UNION SELECT individual FROM aliases WHERE alias = ?", (name, name)).fetchone()
+    return row[0] if row else None
+
+
+def _in_chunks(values: list) -> Iterator[tuple[list, str]]:
+    """`values` in chunks that one SQL statement can take, each with its `?, ?, ...` placeholders for an IN (...) list."""
+    for start in range(0, len(values), IN_CHUNK):
+        chunk = values[start : start + IN_CHUNK]
+        yield chunk, ",".join("?" * len(chunk))
 
 
 def _labels_changed(db: sqlite3.Connection) -> None:

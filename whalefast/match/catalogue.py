@@ -51,5 +51,5 @@ def add_to_catalogue(run_dir: str | os.PathLike, csv: str | os.PathLike, images_
     matcher = Matcher(run_dir, db=db)
     added = matcher.store.add_photos(records, relabel=relabel, what=str(csv))
     matcher.embed_missing()
-    matcher.reload()
+    matcher.refresh()  # appends the new photos; reloads only if photos were relabelled
     return {**summary(added), **matcher.catalogue.summary()}

@@ -90,10 +90,10 @@ class Matcher:
         if self.store is None or self.store.revision == self.seen[0]:
             return False
         revision, labels = self.store.revision, self.store.labels_revision
-        newer = self.store.rows(self.model, self.photo_filter, after=self.last_embedding)
         if labels != self.seen[1]:
             self.reload()
             return True
+        newer = self.store.rows(self.model, self.photo_filter, after=self.last_embedding)
         self.catalogue.append(newer)
         self.ids = list(self.catalogue.ids)
         self.seen, self.last_embedding = (revision, labels), newer.last

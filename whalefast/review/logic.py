@@ -162,18 +162,25 @@ class Review:
 
     def _load_known_photos(self) -> None:
         """The photos shown beside candidates: catalogue entries (arcface) or training photos (softmax)."""
-        known = self.matcher.known_photos()
-        self.known_photos = [photo for photo, _ in known]
+        self.known_photos: list[Path] = []
         self.photos_of: dict[str, list[int]] = {}
-        for index, (_, wid) in enumerate(known):
+        self._add_known_photos(self.matcher.known_photos())
+
+    def _add_known_photos(self, known: list[tuple[Path, str]]) -> None:
+        for index, (photo, wid) in enumerate(known, start=len(self.known_photos)):
+            self.known_photos.append(photo)
             self.photos_of.setdefault(wid, []).append(index)
 
     def _refresh(self) -> None:
-        """Catch up with changes another reviewer or process made to the catalogue."""
+        """Catch up with changes another reviewer or process made to the catalogue (photos only added: only those are read)."""
         with self.lock:
+            before = self.matcher.catalogue
             if self.matcher.refresh():
                 self._scored.clear()
-                self._load_known_photos()
+                if before is not None and self.matcher.catalogue is before:
+                    self._add_known_photos(before.known_photos(start=len(self.known_photos)))
+                else:
+                    self._load_known_photos()
 
     # The queue
 

@@ -102,9 +102,9 @@ class Catalogue:
         """(photos, catalogue photos) cosine similarities."""
         return photo_similarities(outputs, self.embeddings)
 
-    def known_photos(self) -> list[tuple[Path, str]]:
-        """(photo, id) of every catalogue photo, in catalogue order."""
-        return [(Path(p), self.ids[label]) for p, label in zip(self.photos, self.labels.tolist())]
+    def known_photos(self, start: int = 0) -> list[tuple[Path, str]]:
+        """(photo, id) of every catalogue photo from position `start` on, in catalogue order."""
+        return [(Path(p), self.ids[label]) for p, label in zip(self.photos[start:], self.labels[start:].tolist())]
 
     def summary(self) -> dict:
         """Ids, photos and embedding size."""

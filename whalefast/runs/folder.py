@@ -22,6 +22,7 @@ from whalefast.core.console import console
 from whalefast.core.errors import WhalefastError
 from whalefast.core.files import file_digest, load_saved, write_json
 from whalefast.core.spec import InputSpec
+from whalefast.db import CATALOGUE_DB
 from whalefast.db.filters import PhotoFilter
 from whalefast.db.store import CatalogueStore, PhotoRecord
 from whalefast.nets.registry import build_model
@@ -31,7 +32,6 @@ from whalefast.runs.config import MEMBERS_DIR, BoxConfig, FitConfig, Learnt, leg
 from whalefast.runs.methods import Method, get_method
 
 WHALES, BOXES = "whales", "boxes"
-CATALOGUE_DB = "catalogue.db"
 TRAINING, FINISHED = "training", "finished"
 
 

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 from whalefast.core.errors import WhalefastError
-from whalefast.core.files import write_csv
+from whalefast.core.files import atomic_path, file_digest, write_csv
 from whalefast.db.darwin_core import TEXT_TERMS, to_darwin_core
 from whalefast.db.store import CatalogueStore
 from whalefast.runs.folder import Run
@@ -18,16 +18,29 @@ def export_catalogue(db: str | os.PathLike, out: str | os.PathLike, photos: str 
     with _existing(db) as store:
         table = to_darwin_core(store.export())
     write_csv(table, out, user_text=["Image", "Id", "name", "source", *TEXT_TERMS])
+    result = {"out": str(out), "photos": len(table), "individuals": table.Id.nunique()}
     if photos is not None:
-        photos = Path(photos)
-        for image, wid in zip(table.Image, table.Id):
-            source = Path(image)
-            if source.is_file():
-                target = photos / wid / source.name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                if not target.exists():
-                    shutil.copy2(source, target)
-    return {"out": str(out), "photos": len(table), "individuals": table.Id.nunique()}
+        result |= copy_by_individual(table, Path(photos))
+    return result
+
+
+def copy_by_individual(table, folder: Path) -> dict:
+    """Copy each photo of an export to FOLDER/ID/ (atomically; again: only what is not there yet); how many were copied and how many are missing."""
+    copied = missing = 0
+    for image, wid, digest in zip(table.Image, table.Id, table.digest):
+        source = Path(image)
+        if not source.is_file():
+            missing += 1
+            continue
+        target = folder / wid / source.name
+        if target.exists() and file_digest(target) != digest:  # another photo of this whale with the same file name
+            target = target.with_name(f"{source.stem}-{digest[:12]}{source.suffix}")
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(target) as tmp:
+                shutil.copyfile(source, tmp)
+            copied += 1
+    return {"copied": copied, "missing": missing}
 
 
 def describe(db: str | os.PathLike, individual: str) -> dict:
