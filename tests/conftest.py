@@ -165,6 +165,7 @@ def tiny_softmax(tiny_data, tmp_path_factory):
     """A tiny softmax model fitted on the tiny dataset: (run dir, fit result)."""
     models = tmp_path_factory.mktemp("models")
     result = fit(_tiny_fit_config(tiny_data, models, name="softmax"))
+    Run.open(models / "softmax").onnx_network()  # exported once here, so the copies tests make of the run carry model.onnx
     return models / "softmax", result
 
 
@@ -173,6 +174,7 @@ def tiny_arcface(tiny_data, tmp_path_factory):
     """A tiny arcface model fitted on the tiny dataset: (run dir, fit result)."""
     models = tmp_path_factory.mktemp("models")
     result = fit(_tiny_fit_config(tiny_data, models, name="arcface", method="arcface", embed_dim=64, scale=16.0, map_every=4))
+    Run.open(models / "arcface").onnx_network()
     return models / "arcface", result
 
 

@@ -11,7 +11,7 @@ from fastai.test_utils import synth_learner
 from torch import nn
 
 from whalefast.core.errors import WhalefastError
-from whalefast.learn.callbacks import Checkpoints, StepSchedule
+from whalefast.learn.callbacks import STAGES, Checkpoints, StageTimes, StepSchedule
 from whalefast.learn.trainer import fit, lr_find, sgd_like_torch
 from whalefast.nets.registry import build_model, get_arch
 from whalefast.runs.config import check_config
@@ -27,6 +27,36 @@ def test_step_schedule_sets_lrs_at_the_right_epochs():
 
     learn.fit(20, lr=0.5, cbs=Spy(0.01, (16, 19), 0.1))
     assert seen == pytest.approx([0.01] * 16 + [0.001] * 3 + [0.0001])
+
+
+def test_stage_times_put_each_wait_in_its_stage():
+    import time
+
+    from fastai.callback.core import Callback
+
+    class SlowLoss(Callback):  # another callback: its time is "callbacks", not the loss's
+        def after_loss(self):
+            if self.training:
+                time.sleep(0.02)
+
+    class SlowStep(Callback):
+        def before_step(self):
+            time.sleep(0.03)
+
+    from fastai.test_utils import synth_dbunch
+
+    learn = synth_learner(data=synth_dbunch(bs=4, n_train=2))
+    times = StageTimes(skip=2)
+    start = time.perf_counter()
+    learn.fit(2, lr=0.01, cbs=[SlowLoss(), SlowStep(), *times.callbacks()])
+    wall = time.perf_counter() - start
+    per_batch = times.per_batch()
+    assert set(per_batch) == set(STAGES) and (times.batches, times.counted) == (4, 2)  # 2 batches an epoch, 2 epochs, the first 2 left out
+    assert 0.05 <= per_batch["callbacks"] < 0.08
+    assert per_batch["loss"] < 0.01 and per_batch["optimiser"] < 0.01 and per_batch["forward"] < 0.01
+    assert sum(per_batch.values()) * times.counted < wall
+    learn.fit(1, lr=0.01, cbs=[SlowLoss(), SlowStep(), *times.callbacks()])  # a second fit: its setup is no batch's data wait
+    assert (times.batches, times.counted) == (6, 2) and times.per_batch()["data"] < 0.01
 
 
 def test_sgd_matches_torch_sgd():

@@ -340,6 +340,14 @@ UntilOpt = Annotated[str, typer.Option(help="Match only catalogue photos taken o
 NearOpt = Annotated[str, typer.Option(help="Match only catalogue photos taken near LAT,LON (with --within-km).", rich_help_panel=CATALOGUE)]
 WithinOpt = Annotated[float | None, typer.Option(help="How far from --near, in kilometres.", rich_help_panel=CATALOGUE)]
 
+RuntimeOpt = Annotated[
+    str,
+    typer.Option(
+        help="How the network runs: auto (ONNX Runtime on a CPU, PyTorch on a GPU), onnx, bf16 (PyTorch, bfloat16 on a CPU), or eager (PyTorch).",
+        rich_help_panel=MODEL,
+    ),
+]
+
 
 def _filter(where, since, until, near, within_km):
     from whalefast.db.filters import parse_filter
@@ -390,12 +398,13 @@ def submit(
     until: UntilOpt = "",
     near: NearOpt = "",
     within_km: WithinOpt = None,
+    runtime: RuntimeOpt = "auto",
 ):
     """Write a Kaggle submission (Image,Id with five ids) for every photo in test/."""
     from whalefast.core.console import results, table
     from whalefast.stages.submit import submit as run
 
-    s = _run(run, data, models_dir / model, out, tta, prepared, db, _filter(where, since, until, near, within_km))
+    s = _run(run, data, models_dir / model, out, tta, prepared, db, _filter(where, since, until, near, within_km), runtime)
     results.print(
         table(
             f"Submission written to {s['out']}",
@@ -424,6 +433,7 @@ def predict(
     until: UntilOpt = "",
     near: NearOpt = "",
     within_km: WithinOpt = None,
+    runtime: RuntimeOpt = "auto",
 ):
     """Rank the most likely whale ids for photos; unreadable photos are skipped and listed."""
     from whalefast.core.console import console, results, table, warn
@@ -432,7 +442,7 @@ def predict(
     from whalefast.stages.predict import review_sheet
 
     photo_filter = _filter(where, since, until, near, within_km)
-    matcher = _run(Matcher, models_dir / model, db=db, photo_filter=photo_filter)
+    matcher = _run(Matcher, models_dir / model, db=db, photo_filter=photo_filter, runtime=runtime)
     found = _run(run, images, matcher, top)
     failed = [r for r in found if "error" in r]
     if as_json:
@@ -448,6 +458,23 @@ def predict(
     if sheet:
         path = _run(review_sheet, found, matcher, sheet)
         console.print(f"review sheet saved to {path}")
+
+
+@app.command()
+def export(
+    model: ModelOpt,
+    models_dir: ModelsDirOpt = Path("models"),
+    onnx: Annotated[bool, typer.Option("--onnx", help="Export for ONNX Runtime (model.onnx in the run folder, and its box model's).")] = False,
+    out: Annotated[Path | None, typer.Option(help="Also write the run's graph here.", rich_help_panel=OUT)] = None,
+):
+    """Export a finished run's network for another runtime, checked to give PyTorch's outputs (predict and submit use it on a CPU)."""
+    from whalefast.core.console import results, table
+    from whalefast.stages.export import export_onnx
+
+    if not onnx:
+        _fail(WhalefastError("say which format to export: --onnx"))
+    rows = [[s["run"], s["path"], f"{s['megabytes']:.1f}", f"{s['cosine']:.6f}"] for s in _run(export_onnx, models_dir / model, out)]
+    results.print(table("Exported for ONNX Runtime", ["run", "graph", "MB", "lowest cosine to PyTorch"], rows))
 
 
 @app.command()
@@ -552,12 +579,13 @@ def catalogue_add(
     relabel: Annotated[bool, typer.Option(help="Move photos already catalogued under another id to the CSV's id.")] = False,
     models_dir: ModelsDirOpt = Path("models"),
     db: DbOpt = None,
+    runtime: RuntimeOpt = "auto",
 ):
     """Add newly identified photos (new whales or known ones) to an arcface model's catalogue and embed them now; photos already there are left alone."""
     from whalefast.core.console import results
     from whalefast.match.catalogue import add_to_catalogue
 
-    _report_added(_run(add_to_catalogue, models_dir / model, csv, images, relabel, db), results)
+    _report_added(_run(add_to_catalogue, models_dir / model, csv, images, relabel, db, runtime), results)
 
 
 @catalogue_app.command("export")
@@ -670,8 +698,9 @@ def serve(
         ),
     ] = None,
     db: DbOpt = None,
+    runtime: RuntimeOpt = "auto",
 ):
     """Start the match-review web app: query photos beside their best candidates, decisions and catalogue changes in the catalogue database."""
     from whalefast.review.app import serve as run
 
-    _run(run, models_dir / model, host, port, allow_host or [], db)
+    _run(run, models_dir / model, host, port, allow_host or [], db, runtime)

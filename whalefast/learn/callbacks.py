@@ -221,3 +221,87 @@ class ValidationMAP(Callback):
 
     def metrics(self) -> list[ValueMetric]:
         return [ValueMetric(lambda: self.map5, "map5"), ValueMetric(lambda: self.top1, "top1")]
+
+
+STAGES = ("data", "forward", "loss", "backward", "optimiser", "callbacks")
+
+
+class StageTimes:
+    """Seconds of each training batch spent per stage (STAGES), from a pair of callbacks that run first and last at every event.
+
+    data is the wait for the next batch (decoded cache, augmentation, transfer; for an epoch's first
+    batch, from the start of its training phase); forward, loss, backward and optimiser (step and
+    zero_grad) are fastai's own steps; callbacks is what every other callback spends at those events.
+    The first `skip` batches of each fit are left out (they allocate and pick kernels). On CUDA each
+    mark synchronises, so the stages add up to the batches' wall time at a small cost to it.
+    `callbacks()` goes to Learner.fit(cbs=...).
+    """
+
+    MARKS = (
+        "before_fit",
+        "before_train",
+        "before_batch",
+        "after_pred",
+        "after_loss",
+        "before_backward",
+        "after_backward",
+        "before_step",
+        "after_step",
+        "after_batch",
+    )
+    # Between consecutive marks (last callback of one event -> first of the next), the stage that runs; within an event: "callbacks".
+    BETWEEN = {
+        "after_pred": "forward",
+        "after_loss": "loss",
+        "before_backward": "callbacks",
+        "after_backward": "backward",
+        "before_step": "callbacks",
+        "after_step": "optimiser",
+        "after_batch": "optimiser",
+    }
+
+    def __init__(self, skip: int = 1):
+        self.skip, self.batches, self.counted, self.in_fit, self.counting = skip, 0, 0, 0, False
+        self.seconds = dict.fromkeys(STAGES, 0.0)
+        self.last = 0.0
+
+    def callbacks(self) -> list[Callback]:
+        return [_StageMark(self, first=True), _StageMark(self, first=False)]
+
+    def mark(self, event: str, first: bool) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if event == "before_fit":
+            self.in_fit, self.counting = 0, False
+        elif event == "before_train":
+            self.last = now  # an epoch's data wait starts once its training phase has begun (not during the last validation)
+        elif event == "before_batch" and first:
+            self.batches, self.in_fit = self.batches + 1, self.in_fit + 1
+            self.counting = self.in_fit > self.skip
+            if self.counting:
+                self.counted += 1
+                self.seconds["data"] += now - self.last
+        elif self.counting:
+            self.seconds["callbacks" if not first else self.BETWEEN[event]] += now - self.last
+        self.last = now
+
+    def per_batch(self) -> dict[str, float]:
+        """Mean seconds per counted training batch, by stage."""
+        return {stage: seconds / max(self.counted, 1) for stage, seconds in self.seconds.items()}
+
+
+class _StageMark(Callback):
+    """One end of StageTimes: marks every training event first (order -1000) or last (order 1000)."""
+
+    def __init__(self, times: StageTimes, first: bool):
+        self.times, self.first, self.order = times, first, -1000 if first else 1000
+        for event in StageTimes.MARKS:
+            setattr(self, event, self._marker(event))
+
+    def _marker(self, event: str):
+        def mark():
+            if self.training or event == "before_fit":
+                self.times.mark(event, self.first)
+
+        return mark

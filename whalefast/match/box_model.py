@@ -10,13 +10,11 @@ import pandas as pd
 import torch
 
 from whalefast.core.errors import WhalefastError
-from whalefast.core.files import load_saved
 from whalefast.core.images import load_image, photo_size
 from whalefast.data.boxes_csv import BOX_COLUMNS
 from whalefast.data.prepared import whole_photo_cache
 from whalefast.nets.forward import default_device
-from whalefast.nets.heads import BoxHead, predict_fractions
-from whalefast.nets.registry import build_model, get_arch
+from whalefast.nets.heads import predict_fractions
 from whalefast.runs.folder import BOXES, Run
 
 
@@ -31,13 +29,11 @@ def check_box_model(run_dir: str | os.PathLike) -> Run:
 class BoxModel:
     """A trained box regressor, loaded once (eval mode): fluke boxes in pixels for whole photos."""
 
-    def __init__(self, run_dir: str | os.PathLike, device: torch.device | None = None):
+    def __init__(self, run_dir: str | os.PathLike, device: torch.device | None = None, runtime: str = "auto"):
         run = check_box_model(run_dir)
         self.cfg = run.settings
-        model = build_model(self.cfg.arch, 4, head=BoxHead(get_arch(self.cfg.arch).features))
-        model.load_state_dict(load_saved(run / Run.WEIGHTS, "box model"))
         self.device = device or default_device()
-        self.model = model.to(self.device).eval()
+        self.model = run.inference_network(runtime, self.device)
 
     def boxes(self, paths: list[Path], arrays=None) -> np.ndarray:
         """(N, 4) boxes (x0, y0, x1, y1) in pixels of each photo; `arrays` are the photos already decoded at the model's size."""
@@ -49,10 +45,10 @@ class BoxModel:
 
 
 def predict_boxes(
-    box_model: BoxModel | str | os.PathLike, folder: str | os.PathLike, names: list[str], cache_dir: str | os.PathLike | None = None
+    box_model: BoxModel | str | os.PathLike, folder: str | os.PathLike, names: list[str], cache_dir: str | os.PathLike | None = None, runtime: str = "auto"
 ) -> pd.DataFrame:
     """Predicted boxes (Image,x0,y0,x1,y1 in pixels) for photos in `folder`; with `cache_dir`, unreadable photos are left out."""
-    model = box_model if isinstance(box_model, BoxModel) else BoxModel(box_model)
+    model = box_model if isinstance(box_model, BoxModel) else BoxModel(box_model, runtime=runtime)
     folder = Path(folder)
     arrays = None
     if cache_dir is not None:

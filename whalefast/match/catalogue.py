@@ -45,10 +45,12 @@ def import_sightings(db: str | os.PathLike, csv: str | os.PathLike, images_dir: 
         return {**summary(added), **store.summary()}
 
 
-def add_to_catalogue(run_dir: str | os.PathLike, csv: str | os.PathLike, images_dir: str | os.PathLike, relabel: bool = False, db=None) -> dict:
+def add_to_catalogue(
+    run_dir: str | os.PathLike, csv: str | os.PathLike, images_dir: str | os.PathLike, relabel: bool = False, db=None, runtime: str = "auto"
+) -> dict:
     """Import a sightings CSV into the catalogue an arcface run matches against, and embed its new photos with that run at once."""
     records = sighting_records(csv, images_dir)
-    matcher = Matcher(run_dir, db=db)
+    matcher = Matcher(run_dir, db=db, runtime=runtime)
     added = matcher.store.add_photos(records, relabel=relabel, what=str(csv))
     matcher.embed_missing()
     matcher.refresh()  # appends the new photos; reloads only if photos were relabelled

@@ -19,6 +19,7 @@ from whalefast.nets.forward import default_device
 from whalefast.runs.catalogue import Catalogue
 from whalefast.runs.folder import Run
 
+EMBED_CHUNK = 256  # catalogue photos decoded and embedded at once
 QUERY_BATCH = 256  # photos scored at once: (photos, ids) scores stay small with a hundred thousand ids
 
 
@@ -26,7 +27,8 @@ class Matcher:
     """A finished run, loaded once: network, input spec, method, catalogue (arcface) and the calibrated new_whale threshold.
 
     With `tta` False, photos are not averaged with their mirror image even where the run trained on
-    mirrored photos. An arcface run matches against the catalogue database (`db`, or the models
+    mirrored photos. `runtime` is how the network runs (nets.runtime: "auto" is ONNX Runtime on a
+    CPU). An arcface run matches against the catalogue database (`db`, or the models
     folder's), narrowed by `photo_filter`; photos catalogued since (imported, or embedded by another
     model) are embedded with this one when it loads.
     """
@@ -38,15 +40,16 @@ class Matcher:
         tta: bool = True,
         db: str | os.PathLike | None = None,
         photo_filter: PhotoFilter | None = None,
+        runtime: str = "auto",
     ):
         self.run = run if isinstance(run, Run) else Run.open(run)
         self.settings, self.method = self.run.settings, self.run.method
         self.spec = self.run.spec if tta else self.run.spec.without_mirror()
         self.device = device or default_device()
-        self.network = self.run.network().to(self.device)
+        self.network = self.run.inference_network(runtime, self.device)
         self.projection = self.run.projection
         self.threshold = self.run.threshold
-        self.loader = PhotoLoader(self.spec)
+        self.loader = PhotoLoader(self.spec, runtime, self.device)
         self.photo_filter = photo_filter or PhotoFilter()
         self.catalogue: Catalogue | None = None
         self.store: CatalogueStore | None = None
@@ -65,16 +68,16 @@ class Matcher:
     def embed_missing(self) -> int:
         """Embed, with this run, the catalogue's photos it has no embedding of yet; how many."""
         missing = self.store.unembedded(self.model)
-        readable = []
+        embedded = 0
         with progress_bar(f"embedding {len(missing)} catalogue photos new to {self.run.name}", len(missing)) as advance:
-            for photo_id, path in missing:
-                array, problem = self.loader.load(path)
-                if not problem:
-                    readable.append((photo_id, self.outputs([array])[0]))
-                advance()
-        if readable:
-            self.store.put_embeddings(self.model, [p for p, _ in readable], torch.stack([v for _, v in readable]).numpy())
-        return len(readable)
+            for start in range(0, len(missing), EMBED_CHUNK):  # each chunk stored as it is done: a stopped import keeps what it embedded
+                chunk = missing[start : start + EMBED_CHUNK]
+                loaded = [(photo_id, array) for (photo_id, _), (array, problem) in zip(chunk, self.loader.load_many([p for _, p in chunk])) if not problem]
+                if loaded:
+                    self.store.put_embeddings(self.model, [p for p, _ in loaded], self.outputs([a for _, a in loaded]).numpy())
+                    embedded += len(loaded)
+                advance(len(chunk))
+        return embedded
 
     def reload(self) -> None:
         """Read the catalogue again from the database (after another process or the review app changed it)."""

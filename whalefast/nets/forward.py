@@ -24,7 +24,7 @@ def normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
 @torch.no_grad()
 def forward_photos(model: nn.Module, arrays, mean, std, bs: int = 64, device: torch.device | None = None, progress=None) -> torch.Tensor:
     """`model`'s outputs for a sequence of (height, width, 3) uint8 arrays, in batches of `bs` (bf16 autocast on CUDA)."""
-    device = device or next(model.parameters()).device
+    device = device or next(model.parameters(), torch.zeros(0)).device
     outputs = []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     for start in range(0, len(arrays), bs):

@@ -32,7 +32,7 @@ def strips(x: torch.Tensor, parts: int) -> list[torch.Tensor]:
     """
 
     def cut(size: int, i: int) -> slice:
-        return slice((i * size) // parts, -((-(i + 1) * size) // parts))
+        return slice((i * size) // parts, ((i + 1) * size + parts - 1) // parts)  # ceiling division of positive sizes, as an exported graph computes it too
 
     height, width = x.shape[-2:]
     return [x[..., cut(width, i)] for i in range(parts)] + [x[..., cut(height, i), :] for i in range(parts)]

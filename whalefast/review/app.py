@@ -32,9 +32,10 @@ def create_app(
     host: str = "127.0.0.1",
     allow_hosts: list[str] | tuple[str, ...] = (),
     db: str | os.PathLike | None = None,
+    runtime: str = "auto",
 ):
     """The FastAPI app reviewing matches of the trained run in `run_dir` (against the catalogue database `db`), answering at `host` (and `allow_hosts`)."""
-    review = Review(run_dir, db=db, **({"max_upload_bytes": max_upload_bytes} if max_upload_bytes else {}))
+    review = Review(run_dir, db=db, runtime=runtime, **({"max_upload_bytes": max_upload_bytes} if max_upload_bytes else {}))
     templates = Jinja2Templates(directory=str(PACKAGE / "templates"))
     app = FastAPI(title="whalefast review", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.review = review
@@ -232,13 +233,18 @@ def create_app(
 
 
 def serve(
-    run_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, allow_hosts: list[str] | tuple[str, ...] = (), db: str | os.PathLike | None = None
+    run_dir: str | os.PathLike,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    allow_hosts: list[str] | tuple[str, ...] = (),
+    db: str | os.PathLike | None = None,
+    runtime: str = "auto",
 ) -> None:
     """Start the review app on host:port (127.0.0.1: this machine only) until interrupted."""
     import uvicorn
 
     if not 0 < port < 65536:
         raise WhalefastError(f"--port must lie in 1..65535, got {port}")
-    app = create_app(run_dir, host=host, allow_hosts=allow_hosts, db=db)
+    app = create_app(run_dir, host=host, allow_hosts=allow_hosts, db=db, runtime=runtime)
     console.print(f"whalefast review of {Path(run_dir).name} at http://{host}:{port}/ (Ctrl-C stops it)")
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -121,8 +121,15 @@ class Review:
     Photos are decoded and embedded outside any lock, so a large upload never holds up another reviewer's page.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS, db: str | os.PathLike | None = None):
-        self.matcher = Matcher(run_dir, db=db)
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        max_upload_bytes: int = MAX_UPLOAD_BYTES,
+        max_pixels: int = MAX_PIXELS,
+        db: str | os.PathLike | None = None,
+        runtime: str = "auto",
+    ):
+        self.matcher = Matcher(run_dir, db=db, runtime=runtime)
         self.run = self.matcher.run
         self.run_dir = self.run.path
         self.method = self.matcher.method

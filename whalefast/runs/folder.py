@@ -18,14 +18,16 @@ from pathlib import Path
 import pandas as pd
 from torch import nn
 
-from whalefast.core.console import console
+from whalefast.core.console import console, warn
 from whalefast.core.errors import WhalefastError
-from whalefast.core.files import file_digest, load_saved, write_json
+from whalefast.core.files import file_digest, load_saved, write_bytes, write_json
 from whalefast.core.spec import InputSpec
 from whalefast.db import CATALOGUE_DB
 from whalefast.db.filters import PhotoFilter
 from whalefast.db.store import CatalogueStore, PhotoRecord
-from whalefast.nets.registry import build_model
+from whalefast.nets.heads import BoxHead
+from whalefast.nets.registry import build_model, get_arch
+from whalefast.nets.runtime import OPSET, Bfloat16Network, OnnxNetwork, export_onnx, resolve_runtime
 from whalefast.nets.views import Ensemble
 from whalefast.runs.catalogue import Catalogue, Projection, load_legacy
 from whalefast.runs.config import MEMBERS_DIR, BoxConfig, FitConfig, Learnt, legacy_input_spec, member_config
@@ -41,7 +43,7 @@ class Run:
     CONFIG, LEARNT, INPUT, STATUS = "config.json", "learnt.json", "input.json", "status.json"
     WEIGHTS, RESUME, CATALOGUE, CALIBRATION = "model.pth", "last.pth", "catalogue.pt", "calibration.json"
     HISTORY, CURVES, LR_FIND, BOX_METRICS = "history.csv", "curves.png", "lr_find.png", "metrics.json"
-    PROJECTION = "projection.pt"
+    PROJECTION, ONNX = "projection.pt", "model.onnx"
     LAST_WRITTEN = {WHALES: CALIBRATION, BOXES: BOX_METRICS}  # what a run from before status.json wrote last
 
     def __init__(self, path: str | os.PathLike):
@@ -55,8 +57,8 @@ class Run:
         return self.path.name
 
     @classmethod
-    def open(cls, path: str | os.PathLike, kind: str = WHALES, finished: bool = True) -> Run:
-        """The run in `path`, or a one-line error: no such folder (naming the runs beside it), another kind of model, or (with `finished`) a run that did not finish."""
+    def open(cls, path: str | os.PathLike, kind: str | None = WHALES, finished: bool = True) -> Run:
+        """The run in `path` (of `kind`, or any kind for None), or a one-line error: no such folder (naming the runs beside it), another kind of model, or (with `finished`) a run that did not finish."""
         run = cls(path)
         if not run.path.is_dir():
             parent = run.path.parent
@@ -65,7 +67,7 @@ class Run:
             raise WhalefastError(f"{run.path}: no such model ({found})")
         if not (run / cls.CONFIG).is_file():
             raise WhalefastError(f"{run.path}: {run.unfinished_text()}")
-        if run.kind != kind:
+        if kind is not None and run.kind != kind:
             noun = "a box model (train one with `whalefast boxes fit`)" if kind == BOXES else "a whale model"
             raise WhalefastError(f"{run.path}: a {run.kind} model, not {noun}")
         if finished and not run.is_finished():
@@ -120,16 +122,57 @@ class Run:
         return self.calibration.get("threshold")
 
     def network(self) -> nn.Module:
-        """The trained network (an ensemble's members combined), with its best weights, in eval mode on the CPU."""
+        """The trained network (an ensemble's members combined; a box model's regressor), with its best weights, in eval mode on the CPU."""
         weights = self / self.WEIGHTS
         if not weights.is_file():
-            raise WhalefastError(f"{weights}: not found; did `whalefast fit --name {self.name}` finish?")
-        network = whale_network(self.settings, len(self.learnt.vocab))
+            command = "boxes fit" if self.kind == BOXES else "fit"
+            raise WhalefastError(f"{weights}: not found; did `whalefast {command} --name {self.name}` finish?")
+        if self.kind == BOXES:
+            network = build_model(self.settings.arch, 4, head=BoxHead(get_arch(self.settings.arch).features))
+        else:
+            network = whale_network(self.settings, len(self.learnt.vocab))
         try:
             network.load_state_dict(load_saved(weights, "model"))
         except RuntimeError:  # weights of other settings, or a folder missing its learnt.json
-            raise WhalefastError(f"{weights}: does not fit the settings in {self / self.CONFIG} ({len(self.learnt.vocab)} ids); fit it again") from None
+            ids = "" if self.kind == BOXES else f" ({len(self.learnt.vocab)} ids)"
+            raise WhalefastError(f"{weights}: does not fit the settings in {self / self.CONFIG}{ids}; fit it again") from None
         return network.eval()
+
+    @cached_property
+    def weights_digest(self) -> str:
+        return file_digest(self / self.WEIGHTS)
+
+    def inference_network(self, runtime: str = "auto", device=None) -> nn.Module:
+        """The trained network as inference runs it on `device`: eager PyTorch, with bf16 autocast, or ONNX Runtime on the CPU (see nets.runtime)."""
+        import torch
+
+        device = torch.device(device or "cpu")
+        runtime = resolve_runtime(runtime, device)
+        if runtime == "onnx":
+            return self.onnx_network()
+        network = self.network().to(device)
+        return Bfloat16Network(network).eval() if runtime == "bf16" else network
+
+    def onnx_network(self, export: bool = False) -> OnnxNetwork:
+        """The network run by ONNX Runtime from model.onnx; exported from model.pth first where it is missing, from other weights, or `export` says so.
+
+        The export is saved beside the weights; where the folder cannot be written, it serves this
+        command only.
+        """
+        source = f"{self.weights_digest} opset {OPSET}"
+        path = self / self.ONNX
+        if path.is_file() and not export:
+            with contextlib.suppress(WhalefastError):
+                network = OnnxNetwork(str(path))
+                if network.source == source:
+                    return network
+        console.print(f"exporting {self.name}'s network for ONNX Runtime (once; --runtime eager runs without it)")
+        graph = export_onnx(self.network(), self.spec.size, source)
+        try:
+            write_bytes(graph, path)
+        except WhalefastError as e:
+            warn(f"{e}; the exported network serves this command only")
+        return OnnxNetwork(graph)
 
     # The catalogue
 
@@ -144,7 +187,7 @@ class Run:
 
         A refit, or the same weights shown photos another way, is another model; a copy of the run is the same one.
         """
-        h = hashlib.sha256(file_digest(self / self.WEIGHTS).encode())
+        h = hashlib.sha256(self.weights_digest.encode())
         h.update(json.dumps(self.spec.to_json(), sort_keys=True).encode())
         if (self / self.PROJECTION).is_file():
             h.update(file_digest(self / self.PROJECTION).encode())

@@ -32,7 +32,7 @@ def predict(images: list[str | os.PathLike], model: Matcher | str | os.PathLike,
     if not photos:
         raise WhalefastError(f"no photos in {', '.join(map(str, images))}")
     matcher = model if isinstance(model, Matcher) else Matcher(model)
-    loaded = [(p, *matcher.loader.load(p)) for p in photos]
+    loaded = [(p, *found) for p, found in zip(photos, matcher.loader.load_many(photos))]
     readable = [(p, a) for p, a, problem in loaded if not problem]
     ranked = iter(matcher.ranked([a for _, a in readable], k=top)) if readable else iter(())
     results = []

@@ -53,25 +53,27 @@ def apply_matches(ranked: list[str], matched: list[str], k: int = 5) -> list[str
 
 def submit(
     data: str | os.PathLike,
-    run_dir: str | os.PathLike,
+    run_dir: Matcher | str | os.PathLike,
     out: str | os.PathLike = "submission.csv",
     tta: bool = True,
     prepared=None,
     db: str | os.PathLike | None = None,
     photo_filter: PhotoFilter | None = None,
+    runtime: str = "auto",
 ) -> dict:
     """Predict every test photo and write `out` (Image,Id with up to five ids) atomically; returns a summary.
 
     An arcface run matches against the catalogue database `db` (the models folder's by default),
-    only the photos `photo_filter` lets through.
+    only the photos `photo_filter` lets through. `runtime` is how the network runs (nets.runtime).
+    `run_dir` may be a Matcher already loaded (tta, db, photo_filter and runtime are then its own).
     """
     data = Path(data)
     prepared = Path(prepared) if prepared else data / "prepared"
     names = test_images(data)
     check_prepared(prepared)
-    run = Run.open(run_dir)
+    run = run_dir.run if isinstance(run_dir, Matcher) else Run.open(run_dir)
     check_same_data(run, data)
-    matcher = Matcher(run, tta=tta, db=db, photo_filter=photo_filter)
+    matcher = run_dir if isinstance(run_dir, Matcher) else Matcher(run, tta=tta, db=db, photo_filter=photo_filter, runtime=runtime)
     images = image_cache(data, prepared, "test", names, matcher.spec)
     unreadable = [n for n in names if n in images.problems]
     readable = [n for n in names if n not in images.problems]
