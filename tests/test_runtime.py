@@ -122,14 +122,14 @@ def test_export_command_writes_the_graph_and_reports_its_agreement(arc_run, tmp_
     assert wrong.exit_code == 1 and "unknown runtime 'fast'" in wrong.output
 
 
-def test_matching_with_an_exported_graph_loads_neither_timm_nor_torchvision(arc_run):
+def test_matching_with_an_exported_graph_loads_neither_timm_torchvision_nor_pandas(arc_run):
     Run.open(arc_run).onnx_network()  # exported (which needs the PyTorch network) before the fresh interpreter starts
     code = (
         "import sys, numpy as np\n"
         "from whalefast.match.matcher import Matcher\n"
         f"m = Matcher({str(arc_run)!r})\n"
         "m.ranked(list(np.zeros((1, 48, 96, 3), dtype=np.uint8)))\n"
-        "print(sorted({n.split('.')[0] for n in sys.modules} & {'timm', 'torchvision', 'fastai', 'torch._dynamo'}), 'torch._dynamo' in sys.modules)"
+        "print(sorted({n.split('.')[0] for n in sys.modules} & {'timm', 'torchvision', 'fastai', 'pandas'}), 'torch._dynamo' in sys.modules)"
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[] False"

@@ -12,10 +12,12 @@ import os
 import re
 import secrets
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from whalefast.core.errors import StorageError, WhalefastError
+
+if TYPE_CHECKING:  # pandas loads where it is used: matching one photo needs none (0.2 s)
+    import pandas as pd
 
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 
@@ -152,6 +154,8 @@ def write_csv(df: pd.DataFrame, path: str | os.PathLike, user_text=()) -> Path:
 
 def read_safe_csv(path: str | os.PathLike, text_columns=()) -> pd.DataFrame:
     """A CSV written by write_csv(user_text=...), as strings, its text cells as they were typed."""
+    import pandas as pd
+
     df = pd.read_csv(path, dtype=str, keep_default_na=False)
     return df.assign(**{c: df[c].map(from_spreadsheet_safe) for c in text_columns if c in df.columns})
 
@@ -225,6 +229,8 @@ def write_json(obj, path: str | os.PathLike) -> Path:
 
 def read_csv_file(path: Path) -> pd.DataFrame:
     """A CSV as strings, or a one-line error naming the file."""
+    import pandas as pd
+
     if not path.is_file():
         raise WhalefastError(f"{path}: file not found")
     try:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from whalefast.core.errors import WhalefastError
 from whalefast.core.files import read_csv_file
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # A whale id: letters, digits, '_', '.' and '-', not starting with '.' or '-'. Nothing a spreadsheet
 # reads as a formula, and nothing a shell, a URL or rich's markup treats specially.

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from whalefast.core.errors import WhalefastError
 from whalefast.core.files import read_csv_file, write_csv
 from whalefast.core.labels import read_labels
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 BOX_COLUMNS = ["x0", "y0", "x1", "y1"]
 
 
 def read_boxes(path: str | os.PathLike) -> pd.DataFrame:
     """A boxes CSV (Image,x0,y0,x1,y1 in pixels of each photo), checked: one line naming the file and the problem."""
+    import pandas as pd
+
     path = Path(path)
     df = read_csv_file(path)
     missing = [c for c in ["Image", *BOX_COLUMNS] if c not in df.columns]

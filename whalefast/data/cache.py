@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from whalefast.core.files import atomic_path, remove_stale_temps, reserve_space, write_csv
 from whalefast.core.images import BOX_MARGIN, Box, Size, as_size, load_image, size_text
 from whalefast.core.parallel import process_pool
+
+if TYPE_CHECKING:
+    pass
 
 
 class CachedImages:
@@ -70,6 +73,8 @@ def build_cache(
 
     Files whose size, mtime and box are unchanged are not decoded again.
     """
+    import pandas as pd
+
     folder, cache_dir, size = Path(folder), Path(cache_dir), as_size(size)
     cache_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(cache_dir)

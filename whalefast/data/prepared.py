@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from whalefast import NEW_WHALE
 from whalefast.core.console import progress_bar
@@ -14,6 +13,9 @@ from whalefast.core.errors import WhalefastError
 from whalefast.core.images import Box, size_text
 from whalefast.core.spec import InputSpec
 from whalefast.data.cache import CachedImages, build_cache
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def default_out(data: str | os.PathLike) -> Path:
@@ -38,6 +40,8 @@ def check_prepared(prepared: str | os.PathLike) -> Path:
 
 def load_split(prepared: str | os.PathLike) -> pd.DataFrame:
     """prepare's split.csv, or a one-line error telling to run prepare."""
+    import pandas as pd
+
     path = check_prepared(prepared) / SPLIT
     split = pd.read_csv(path, dtype={"Image": str, "Id": str, "target": str}, keep_default_na=False)
     missing = {"Image", "Id", "is_valid", "target"} - set(split.columns)
@@ -54,6 +58,8 @@ def prepare_settings(prepared: str | os.PathLike) -> dict:
 
 def prepared_boxes(prepared: Path, folder: str) -> dict[str, Box] | None:
     """The fluke boxes prepare chose for the photos of `folder` (None when prepare ran without --boxes)."""
+    import pandas as pd
+
     path = Path(prepared) / BOXES
     if not path.is_file():
         return None
@@ -76,6 +82,8 @@ def image_cache(data: str | os.PathLike, prepared: str | os.PathLike, folder: st
 
 def training_photos(data: str | os.PathLike, prepared: str | os.PathLike) -> list[tuple[Path, str]]:
     """(photo, id) of every catalogued training photo (new_whale left out): what a softmax model shows beside its candidates."""
+    import pandas as pd
+
     data, clean = Path(data), Path(prepared) / TRAIN_CLEAN
     labels = pd.read_csv(clean if clean.exists() else data / "train.csv", dtype=str, keep_default_na=False)
     labels = labels[labels.Id != NEW_WHALE]

@@ -6,12 +6,14 @@ import math
 import os
 import re
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from whalefast.core.errors import WhalefastError
 from whalefast.core.files import read_csv_file
 from whalefast.core.labels import ID_RULE, is_valid_id
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # Darwin Core term -> the photos table's column. Wildbook/Flukebook bulk imports and OBIS/GBIF uploads map these directly.
 TERMS = {
@@ -32,6 +34,8 @@ _DATE = re.compile(r"\d{4}(-\d{2}(-\d{2})?)?(/\d{4}(-\d{2}(-\d{2})?)?)?")  # ISO
 
 def read_sightings(path: str | os.PathLike) -> pd.DataFrame:
     """An Image,Id CSV with optional Darwin Core columns, checked (one line naming the file, the line and the problem), as the photos table's columns."""
+    import pandas as pd
+
     path = Path(path)
     df = read_csv_file(path)
     for column in ("Image", "Id"):

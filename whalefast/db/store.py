@@ -18,15 +18,18 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from whalefast.core.errors import StorageError, WhalefastError
 from whalefast.core.files import FULL_DISK, NOT_WRITABLE, os_error_text
 from whalefast.core.labels import ID_RULE, is_valid_id
 from whalefast.db import schema
 from whalefast.db.filters import PhotoFilter, distance_km
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 METADATA = ("occurrence_id", "event_date", "event_time", "locality", "latitude", "longitude", "photographer", "side", "quality")
 IN_CHUNK = 500  # values in one IN (...) list: well under SQLite's limit on parameters
@@ -438,6 +441,8 @@ class CatalogueStore:
 
     def export(self) -> pd.DataFrame:
         """Every identified photo with its id, name and sighting metadata (Image: its file)."""
+        import pandas as pd
+
         rows = self.query(
             f"SELECT p.path, p.individual AS Id, i.name, p.digest, p.source, {', '.join('p.' + m for m in METADATA)} "
             "FROM photos p JOIN individuals i ON i.id = p.individual ORDER BY p.individual, p.event_date, p.id"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import torch
 
 from whalefast.core.errors import WhalefastError
@@ -16,6 +16,9 @@ from whalefast.data.prepared import whole_photo_cache
 from whalefast.nets.forward import default_device
 from whalefast.nets.heads import predict_fractions
 from whalefast.runs.folder import BOXES, Run
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def check_box_model(run_dir: str | os.PathLike) -> Run:
@@ -48,6 +51,8 @@ def predict_boxes(
     box_model: BoxModel | str | os.PathLike, folder: str | os.PathLike, names: list[str], cache_dir: str | os.PathLike | None = None, runtime: str = "auto"
 ) -> pd.DataFrame:
     """Predicted boxes (Image,x0,y0,x1,y1 in pixels) for photos in `folder`; with `cache_dir`, unreadable photos are left out."""
+    import pandas as pd
+
     model = box_model if isinstance(box_model, BoxModel) else BoxModel(box_model, runtime=runtime)
     folder = Path(folder)
     arrays = None

@@ -14,8 +14,8 @@ import os
 from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 from torch import nn
 
 from whalefast.core.console import console, warn
@@ -32,6 +32,9 @@ from whalefast.nets.views import Ensemble
 from whalefast.runs.catalogue import Catalogue, Projection, load_legacy
 from whalefast.runs.config import MEMBERS_DIR, BoxConfig, FitConfig, Learnt, legacy_input_spec, member_config
 from whalefast.runs.methods import Method, get_method
+
+if TYPE_CHECKING:
+    pass
 
 WHALES, BOXES = "whales", "boxes"
 TRAINING, FINISHED = "training", "finished"
@@ -257,6 +260,8 @@ class Run:
 
     def unfinished_text(self) -> str:
         """What an unfinished run folder holds and what to do about it, for an error message."""
+        import pandas as pd
+
         if (self / self.CONFIG).is_file() and self.kind == BOXES:
             return f"its boxes fit did not finish; run `whalefast boxes fit --name {self.name}` again"
         done = ""

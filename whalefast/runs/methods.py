@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,7 +28,9 @@ from whalefast.nets.views import Combine, average_probabilities, concatenate_uni
 from whalefast.runs.catalogue import Catalogue, Projection
 from whalefast.runs.config import FitConfig
 
-if TYPE_CHECKING:  # the inference side never loads fastai: only training builds TrainingData
+if TYPE_CHECKING:  # pandas and fastai load where they are used: matching photos needs neither
+    import pandas as pd
+
     from whalefast.data.loaders import TrainingData
 
 
