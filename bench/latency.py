@@ -38,6 +38,7 @@ def wall(command: list[str], tree: Path | None = None) -> float:
 def cold(photo: Path, models: Path, model: str, repeats: int, compare: Path | None) -> list[tuple[str, float, float | None]]:
     """(command, median seconds here, median seconds from the compared tree), measured alternately."""
     commands = {
+        "python -c 'import torch' (the floor)": [sys.executable, "-c", "import torch"],
         "whalefast --help": [sys.executable, "-m", "whalefast", "--help"],
         "whalefast predict PHOTO": [sys.executable, "-m", "whalefast", "predict", str(photo), "--model", model, "--models-dir", str(models)],
     }

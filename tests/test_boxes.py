@@ -208,3 +208,9 @@ def test_new_photos_are_cropped_by_the_runs_box_model(tiny_data, tmp_path, tiny_
     array, problem = PhotoLoader(Run.open(models / "tiny").spec).load(photo)
     assert problem == "" and np.array_equal(array, load_image(photo, (32, 64), box))
     assert len(predict([photo], models / "tiny", top=3)[0]["matches"]) == 3
+    photos = sorted((data / "test").iterdir())[:6]
+    (tmp_path / "broken.jpg").write_bytes(b"not a photo")
+    many = PhotoLoader(Run.open(models / "tiny").spec).load_many([*photos, tmp_path / "broken.jpg", tmp_path / "gone.jpg"], workers=2)
+    one_by_one = [PhotoLoader(Run.open(models / "tiny").spec, runtime="eager").load(p) for p in photos]  # PyTorch's box model, one photo at a time
+    assert [problem for _, problem in many] == [""] * 6 + ["unreadable image (UnidentifiedImageError)", "file not found"]
+    assert all(np.abs(a.astype(int) - b.astype(int)).mean() < 1 for (a, _), (b, _) in zip(many, one_by_one))  # batched ONNX boxes crop as PyTorch's, one by one
