@@ -1,11 +1,15 @@
 """Training throughput of whalefast's fit path vs a plain PyTorch loop written the way the reference was.
 
-Both train the same model at the same image size, batch size and number of steps on the same
-generated dataset and the same (oversampled) training list. Also measures the pHash rate (plain
-sequential loop vs prepare's parallel and cached path) and submit's inference rate.
+Both train the same model at the same image size and batch size on the same generated dataset and
+the same (oversampled) training list, built once each and timed in turns of --steps batches for
+--rounds rounds (the ratio is the median of the rounds', with its range); the fit path's time per
+batch by stage comes from learn.callbacks.StageTimes. Also measures the pHash rate (plain sequential
+loop vs prepare's parallel and cached path) and submit's inference rate. Each section can be
+appended to a results file as a JSON line (bench/gpu.sh collects them).
 
-    python bench/train_throughput.py --quick            # CPU, < 2 minutes, ends with "ratio whalefast/plain: R"
-    python bench/train_throughput.py --arch resnet50 --size 224 --bs 128 --steps 50 --train-images 9850
+    python bench/train_throughput.py --quick            # CPU, about a minute, ends with "ratio whalefast/plain: R (rounds LOW-HIGH)"
+    python bench/train_throughput.py --arch resnet50 --size 224 --bs 128 --steps 15 --rounds 5 --train-images 9850 --whales 4250
+    python bench/train_throughput.py --data DIR --recipe-epoch flukes --steps 10 --rounds 3   # one epoch of a recipe, by stage
 """
 
 from __future__ import annotations

@@ -108,6 +108,10 @@ def test_a_run_folder_that_cannot_be_written_exports_for_the_command_only(arc_ru
     assert isinstance(matcher.network, OnnxNetwork) and len(matcher.ranked(photos(2))) == 2
     assert not (arc_run / Run.ONNX).exists()
     assert "read-only folder; the exported network serves this command only" in capsys.readouterr().err
+    from whalefast.stages.export import export_onnx as export_run
+
+    with pytest.raises(WhalefastError, match="could not be written"):  # an explicit export must leave a file
+        export_run(arc_run)
 
 
 def test_export_command_writes_the_graph_and_reports_its_agreement(arc_run, tmp_path):

@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from whalefast.core.files import atomic_path, remove_stale_temps, reserve_space, write_csv
 from whalefast.core.images import BOX_MARGIN, Box, Size, as_size, load_image, size_text
 from whalefast.core.parallel import process_pool
-
-if TYPE_CHECKING:
-    pass
 
 
 class CachedImages:

@@ -14,7 +14,6 @@ import os
 from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -32,9 +31,6 @@ from whalefast.nets.views import Ensemble
 from whalefast.runs.catalogue import Catalogue, Projection, load_legacy
 from whalefast.runs.config import MEMBERS_DIR, BoxConfig, FitConfig, Learnt, legacy_input_spec, member_config
 from whalefast.runs.methods import Method, get_method
-
-if TYPE_CHECKING:
-    pass
 
 WHALES, BOXES = "whales", "boxes"
 TRAINING, FINISHED = "training", "finished"

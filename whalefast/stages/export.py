@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
+from whalefast.core.errors import WhalefastError
 from whalefast.core.files import write_bytes
-from whalefast.nets.runtime import agreement
-from whalefast.runs.folder import Run
+from whalefast.runs.folder import BOXES, Run
 
 
 def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> list[dict]:
@@ -19,12 +19,14 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike | None = None
     run = Run.open(run_dir, kind=None)
     runs = [run]
     if run.spec.crop == "box-model" and run.spec.box_model:
-        runs.append(Run.open(run.spec.box_model, kind=None))
+        runs.append(Run.open(run.spec.box_model, kind=BOXES))
     summaries = []
     for r in runs:
         exported = r.onnx_network(export=True)
         path = r / Run.ONNX
+        if not path.is_file():
+            raise WhalefastError(f"{path}: could not be written (see above); exporting needs the run's folder writable")
         if out is not None and r is run:
             path = write_bytes(path.read_bytes(), out)
-        summaries.append({"run": r.name, "path": str(path), "megabytes": path.stat().st_size / 2**20, "cosine": agreement(r.network(), exported, r.spec.size)})
+        summaries.append({"run": r.name, "path": str(path), "megabytes": path.stat().st_size / 2**20, "cosine": exported.agreement})
     return summaries
