@@ -14,6 +14,7 @@ RECIPES. Prints one table row per run, wall times included, and writes the table
 from __future__ import annotations
 
 import argparse
+import ast
 import shutil
 import tempfile
 import time
@@ -23,9 +24,10 @@ import pandas as pd
 
 from whalefast.core.images import size_text
 from whalefast.data.boxes_csv import write_training_boxes
+from whalefast.db import CATALOGUE_DB
 from whalefast.learn.boxes import fit_boxes
 from whalefast.learn.trainer import fit
-from whalefast.runs.config import BoxConfig, FitConfig, option_text
+from whalefast.runs.config import VALIDATION_RUN, BoxConfig, FitConfig, option_text
 from whalefast.runs.recipes import recipe
 from whalefast.stages.evaluate import evaluate
 from whalefast.stages.prepare import PrepareConfig, prepare
@@ -74,7 +76,7 @@ def run(args) -> pd.DataFrame:
         prepare_seconds = time.time() - start
         for method in args.methods:
             name = f"{method}-{crop}"
-            overrides = {"epochs": args.epochs, "size": args.size, "tta_scales": args.tta_scales, "parts": args.parts}
+            overrides = {"epochs": args.epochs, "size": args.size, "tta_scales": args.tta_scales, "parts": args.parts, **dict(args.set)}
             options = {"data": data, "recipe": "flukes", "method": method, "name": name, "models_dir": models, "seed": args.seed, "members": args.members}
             cfg = FitConfig.from_options({**options, **{k: v for k, v in overrides.items() if v is not None}})
             start = time.time()
@@ -87,12 +89,14 @@ def run(args) -> pd.DataFrame:
             total = prepare_seconds + fit_seconds + submit_seconds + (box_seconds if crop == "predicted" else 0)
             rows.append(
                 {
+                    "run": name,
                     "crop": crop,
                     "method": method,
                     "members": args.members,
                     "size": size_text(cfg.size),
                     "tta_scales": option_text(cfg.tta_scales),
                     "parts": cfg.parts,
+                    "set": " ".join(f"{k}={v}" for k, v in args.set) or "-",
                     "valid_map5": round(fitted["valid_map5"], 4),
                     "test_map5": round(scores["map5"], 4),
                     "test_catalogued": round(scores["map5_catalogued"], 4),
@@ -102,11 +106,35 @@ def run(args) -> pd.DataFrame:
                     "end_to_end_minutes": round(total / 60, 1),
                 }
             )
+            if cfg.refit:  # its first run is this seed's run without the refit: scored on test beside it, against the same catalogue photos
+                first = models / name / VALIDATION_RUN
+                scores = evaluate(submit(data, first, work / f"{name}-{VALIDATION_RUN}.csv", db=models / CATALOGUE_DB)["out"], data / "test_answers.csv")
+                rows.append(
+                    {
+                        **rows[-1],
+                        "run": f"{name}/{VALIDATION_RUN}",
+                        "test_map5": round(scores["map5"], 4),
+                        "test_catalogued": round(scores["map5_catalogued"], 4),
+                        "test_new_whale": round(scores["map5_new_whale"], 4),
+                        "test_top1": round(scores["top1"], 4),
+                        "fit_minutes": None,
+                        "end_to_end_minutes": None,
+                    }
+                )
             print(pd.DataFrame(rows).to_string(index=False), flush=True)
     table = pd.DataFrame(rows)
     table.to_csv(work / "real_flukes.csv", index=False)
     print(f"table written to {work / 'real_flukes.csv'}")
     return table
+
+
+def setting(text: str) -> tuple[str, object]:
+    """KEY=VALUE as FitConfig takes it: numbers and booleans parsed, anything else kept as text."""
+    key, _, value = text.partition("=")
+    try:
+        return key.strip(), ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        return key.strip(), value.strip()
 
 
 def main():
@@ -122,6 +150,7 @@ def main():
     parser.add_argument("--members", type=int, default=1, help="fit --members: an ensemble of this many networks (each costs a full fit)")
     parser.add_argument("--valid-pct", type=float, default=0.05, help="prepare's --valid-pct: every held-out photo is one fewer to learn from")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--set", type=setting, action="append", default=[], metavar="KEY=VALUE", help="any other fit setting, e.g. --set margin_power=0.25")
     run(parser.parse_args())
 
 

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from whalefast.core.errors import WhalefastError
 from whalefast.core.ranking import cosine_id_scores
 from whalefast.match.catalogue import add_to_catalogue
 from whalefast.match.matcher import Matcher
@@ -22,6 +23,43 @@ def test_margin_zero_equals_scaled_softmax_cross_entropy():
     with_margin = EmbeddingHead(features=8, embed_dim=4, n_classes=3, margin=0.5, scale=10.0)
     with_margin.arcface.W.data.copy_(head.arcface.W.data)
     assert float(with_margin.arcface(emb, target)) > float(expected)  # the margin makes the true class harder
+
+
+def test_dynamic_margins_fall_with_photos_and_match_arcface_when_equal():
+    from pytorch_metric_learning.losses import ArcFaceLoss
+
+    from whalefast.nets.margins import DynamicArcFaceLoss, DynamicSubCenterArcFaceLoss, class_margins
+
+    margins = class_margins([1, 2, 4, 16], margin=0.45, power=0.25, floor=0.05)
+    assert margins.tolist() == pytest.approx([0.45, 0.05 + 0.4 * 2**-0.25, 0.05 + 0.4 / 2**0.5, 0.25])
+    assert class_margins([1, 9], 0.4, 0.0, 0.05).tolist() == pytest.approx([0.4, 0.4])  # power 0: one margin
+    torch.manual_seed(0)
+    emb, target = torch.randn(12, 8), torch.randint(0, 4, (12,))
+    dynamic = DynamicArcFaceLoss(torch.full((4,), 0.4), embedding_size=8, scale=30.0)
+    fixed = ArcFaceLoss(num_classes=4, embedding_size=8, margin=float(torch.rad2deg(torch.tensor(0.4))), scale=30.0)
+    fixed.W.data.copy_(dynamic.W.data)
+    assert float(dynamic(emb, target)) == pytest.approx(float(fixed(emb, target)), rel=1e-5)
+    # A larger margin for one class raises the loss of its rows alone.
+    wider = DynamicArcFaceLoss(torch.tensor([0.4, 0.4, 0.4, 0.8]), embedding_size=8, scale=30.0)
+    wider.W.data.copy_(dynamic.W.data)
+    rows = target == 3
+    assert rows.any()
+    assert float(wider(emb[rows], target[rows])) > float(dynamic(emb[rows], target[rows]))
+    assert float(wider(emb[~rows], target[~rows])) == pytest.approx(float(dynamic(emb[~rows], target[~rows])), rel=1e-5)
+    sub = DynamicSubCenterArcFaceLoss(margins, embedding_size=8, scale=30.0, sub_centers=2)
+    assert list(sub.state_dict()) == ["W"] and sub.W.shape == (8, 8)  # checkpoints as plain sub-centre ArcFace's
+
+
+def test_margin_power_uses_each_ids_training_photos(tiny_config, tmp_path):
+    from whalefast.runs.config import check_config
+    from whalefast.runs.methods import get_method
+
+    cfg = tiny_config(tmp_path, tmp_path / "models", margin=0.5, margin_power=0.5, margin_floor=0.1)
+    check_config(cfg)
+    head = get_method("arcface").head(cfg, 3, counts=[1, 4, 0])
+    assert head.arcface.margins.tolist() == pytest.approx([0.5, 0.3, 0.5])
+    with pytest.raises(WhalefastError, match="--margin-floor must be at most --margin"):
+        check_config(tiny_config(tmp_path, tmp_path / "models", margin=0.1, margin_power=0.5, margin_floor=0.2))
 
 
 def test_ranking_scores_each_id_once_by_its_nearest_photo():
@@ -111,3 +149,48 @@ def test_calibration_uses_the_last_scored_epochs_outputs_when_they_are_the_best(
     # One epoch, so it is the best: its MAP@5 embedded the training and the validation photos once, and calibration embeds nothing more.
     assert len(calls) == 2 and result["best_epoch"] == 0
     assert history.map5.iloc[0] == pytest.approx(result["valid_map5"], abs=1e-6)
+
+
+def test_training_items_for_every_photo_train_the_held_out_photos_too():
+    from whalefast.data.loaders import training_items
+
+    split = pd.DataFrame(
+        {
+            "Image": ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"],
+            "Id": ["w_1", "w_1", "w_2", "new_whale", "w_3"],
+            "is_valid": [False, True, False, False, True],
+            "target": ["w_1", "w_1", "w_2", "new_whale", "new_whale"],  # w_3's only photo is held out: an unseen whale
+        }
+    )
+    items, vocab = training_items(split)
+    assert vocab == ["w_1", "w_2"] and items[~items.is_valid].Image.tolist() == ["a.jpg", "c.jpg"]
+    items, vocab = training_items(split, every_photo=True)
+    assert vocab == ["w_1", "w_2", "w_3"]
+    assert items[~items.is_valid].Image.tolist() == ["a.jpg", "b.jpg", "c.jpg", "e.jpg"]  # new_whale photos still learn nothing
+    assert items[items.is_valid].Image.tolist() == ["b.jpg", "e.jpg"] and items[items.is_valid].label.tolist() == ["w_1", "new_whale"]
+
+
+@pytest.mark.slow
+def test_refit_trains_on_every_photo_and_keeps_the_validation_runs_threshold(tiny_data, tmp_path, tiny_config, catalogue_of):
+    from whalefast.learn.trainer import fit
+    from whalefast.runs.folder import Run
+
+    cfg = tiny_config(
+        tiny_data, tmp_path / "models", name="refit", method="arcface", embed_dim=32, scale=16.0, epochs=2, map_every=2, refit=True, catalogue_dims=8
+    )
+    result = fit(cfg)
+    validation = Run.open(tmp_path / "models" / "refit" / "validation")
+    final = Run.open(tmp_path / "models" / "refit")
+    assert validation.calibration["threshold"] == result["threshold"] == final.threshold
+    assert result["valid_map5"] == validation.calibration["valid_map5"]
+    assert final.settings.refit and not validation.settings.refit
+    held_out_ids = set(pd.read_csv(tiny_data / "prepared" / "split.csv").query("is_valid and Id != 'new_whale'").Id)
+    assert held_out_ids and held_out_ids <= set(final.learnt.vocab) and set(validation.learnt.vocab) <= set(final.learnt.vocab)
+    assert final.weights_digest != validation.weights_digest
+    catalogue = catalogue_of(final.path)
+    assert len(catalogue.photos) == len(set(catalogue.photos))  # each labelled photo catalogued once
+    assert not (tmp_path / "models" / "refit" / "validation" / "catalogue.db").exists()
+    assert not any(p.name == "catalogue.db" for p in (tmp_path / "models" / "refit").iterdir())  # the validation run catalogued nothing
+    assert validation.projection is not None and catalogue.embeddings.shape[1] == 8  # but it can match as it would have (its projection is saved)
+    with pytest.raises(WhalefastError, match="--refit trains in one process from the start; it does not run with --resume"):
+        fit(cfg, resume=True)

@@ -198,7 +198,12 @@ SeedOpt = Annotated[int, typer.Option(help="Random seed.", rich_help_panel=TRAIN
 MinSamplesOpt = Annotated[int | None, typer.Option(help="Oversample rarer ids to this count.", show_default="prepare's --min-samples", rich_help_panel=DATA)]
 NewWhaleOpt = Annotated[bool, typer.Option(help="Train new_whale as a class (the reference) instead of a threshold.", rich_help_panel=MODEL)]
 EmbedOpt = Annotated[int, typer.Option(help="Embedding size (arcface).", rich_help_panel=MODEL)]
-MarginOpt = Annotated[float, typer.Option(help="Additive angular margin in radians (arcface).", rich_help_panel=MODEL)]
+MarginOpt = Annotated[
+    float, typer.Option(help="Additive angular margin in radians (arcface; with --margin-power, an id with one photo's).", rich_help_panel=MODEL)
+]
+MARGIN_POWER_HELP = "Margins fall with an id's training photos n: floor + (margin - floor) * n^-power (arcface; Happywhale 2022's; 0: one margin for all)."
+MarginPowerOpt = Annotated[float, typer.Option(help=MARGIN_POWER_HELP, rich_help_panel=MODEL)]
+MarginFloorOpt = Annotated[float, typer.Option(help="The margin that ids with many photos approach (with --margin-power).", rich_help_panel=MODEL)]
 ScaleOpt = Annotated[float, typer.Option(help="Logit scale (arcface).", rich_help_panel=MODEL)]
 SubCentersOpt = Annotated[int, typer.Option(help="Sub-centres per id (arcface; 1: plain ArcFace).", rich_help_panel=MODEL)]
 PARTS_HELP = (
@@ -221,6 +226,10 @@ TTA_HELP = (
 TtaScalesOpt = Annotated[str, typer.Option(help=TTA_HELP, rich_help_panel=MODEL)]
 CATALOGUE_DIMS_HELP = "Store embeddings in the catalogue projected to this many dimensions, fitted on the training photos (arcface; 0: as they are)."
 CatalogueDimsOpt = Annotated[int, typer.Option(help=CATALOGUE_DIMS_HELP, rich_help_panel=MODEL)]
+REFIT_HELP = (
+    "After a run on the training photos calibrated the new_whale threshold (kept in NAME/validation/), train again on every labelled photo: twice the time."
+)
+RefitOpt = Annotated[bool, typer.Option(help=REFIT_HELP, rich_help_panel=TRAIN)]
 MEMBERS_HELP = "Train an ensemble of this many networks, from seeds SEED, SEED+1 and so on, used as one model; each one costs a full fit."
 MembersOpt = Annotated[int, typer.Option(help=MEMBERS_HELP, rich_help_panel=MODEL)]
 
@@ -249,6 +258,8 @@ def training_options(
     train_new_whale: NewWhaleOpt = False,
     embed_dim: EmbedOpt = 512,
     margin: MarginOpt = 0.3,
+    margin_power: MarginPowerOpt = 0.0,
+    margin_floor: MarginFloorOpt = 0.05,
     scale: ScaleOpt = 30.0,
     sub_centers: SubCentersOpt = 1,
     parts: PartsOpt = 0,
@@ -261,6 +272,7 @@ def training_options(
     members: MembersOpt = 1,
     tta_scales: TtaScalesOpt = "1",
     catalogue_dims: CatalogueDimsOpt = 0,
+    refit: RefitOpt = False,
 ):
     """The options fit and lr-find share: a run's settings (whalefast.runs.config.FitConfig), the defaults the reference recipe's."""
 

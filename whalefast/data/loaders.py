@@ -24,9 +24,16 @@ from whalefast.data.prepared import image_cache, load_split
 from whalefast.data.split import oversampling_splitter
 
 
-def training_items(split: pd.DataFrame, train_new_whale: bool = False) -> tuple[pd.DataFrame, list[str]]:
-    """The rows the DataBlock sees and the class vocabulary: training ids (new_whale only if trained as a class)."""
+def training_items(split: pd.DataFrame, train_new_whale: bool = False, every_photo: bool = False) -> tuple[pd.DataFrame, list[str]]:
+    """The rows the DataBlock sees and the class vocabulary: training ids (new_whale only if trained as a class).
+
+    With `every_photo` (fit --refit's second network), the held-out photos train too, each under its
+    own id; they stay behind as the validation rows as well, so an epoch still ends with a (no longer
+    held-out) valid loss.
+    """
     items = split.copy()
+    if every_photo:
+        items = pd.concat([items.assign(is_valid=False, target=items.Id), items[items.is_valid]], ignore_index=True)
     if not train_new_whale:
         items = items[items.is_valid | (items.Id != NEW_WHALE)]
     vocab = sorted(set(items.loc[~items.is_valid, "Id"]))
@@ -84,6 +91,11 @@ class TrainingData:
     vocab: list[str]
     images: CachedImages
 
+    def class_counts(self) -> list[int]:
+        """The number of training photos (validation left out, before oversampling) of each class of the vocabulary."""
+        counts = self.items[~self.items.is_valid].Id.value_counts()
+        return [int(counts.get(v, 0)) for v in self.vocab]
+
 
 def whale_dataloaders(
     data: str | os.PathLike,
@@ -96,16 +108,18 @@ def whale_dataloaders(
     num_workers: int | None = None,
     device: torch.device | None = None,
     seed: int | None = None,
+    every_photo: bool = False,
 ) -> TrainingData:
     """DataLoaders for training: oversampled train split, untouched validation, batch-side augmentation and the spec's normalisation.
 
-    `augment` is "reference" (random horizontal and vertical flips) or "fluke" (see FlukeAugment).
+    `augment` is "reference" (random horizontal and vertical flips) or "fluke" (see FlukeAugment);
+    `every_photo`: the held-out photos train too (see training_items).
     """
     prepared = Path(prepared)
-    items, vocab = training_items(load_split(prepared), train_new_whale)
+    items, vocab = training_items(load_split(prepared), train_new_whale, every_photo)
     if not vocab:
         raise WhalefastError(f"{prepared / 'split.csv'}: no training ids left; is the dataset too small?")
-    images = image_cache(data, prepared, "train", items.Image.tolist(), spec)
+    images = image_cache(data, prepared, "train", list(dict.fromkeys(items.Image)), spec)
     n_originals = int((~items.is_valid).sum())
     block = DataBlock(
         blocks=(

@@ -36,7 +36,7 @@ from whalefast.learn.state import load_optimizer_state, set_rng_state
 from whalefast.nets.forward import unwrap
 from whalefast.nets.registry import freeze_stages, get_arch
 from whalefast.nets.views import Ensemble
-from whalefast.runs.config import RESUMABLE_CHANGES, FitConfig, Learnt, check_config, check_resume, member_config, resolve_input_spec
+from whalefast.runs.config import RESUMABLE_CHANGES, FitConfig, Learnt, check_config, check_resume, member_config, resolve_input_spec, validation_config
 from whalefast.runs.folder import Run
 from whalefast.runs.methods import Embedded, get_method
 
@@ -79,7 +79,7 @@ def build_learner(dls, arch: str, n_out: int, pretrained: bool, head: nn.Module 
 def make_learner(cfg: FitConfig, spec: InputSpec, data: TrainingData, metrics: bool = True) -> Learner:
     """The Learner for `cfg`: registry backbone, SGD as torch applies it, the method's head and loss, and (with `metrics`) validation MAP@5."""
     method = get_method(cfg.method)
-    head = method.head(cfg, len(data.vocab))
+    head = method.head(cfg, len(data.vocab), counts=data.class_counts())
     scoring = ValidationMAP(method, spec, data, cfg.bs, cfg.map_every, cfg.catalogue_dims) if metrics else None
     learn = build_learner(
         data.dls,
@@ -107,7 +107,7 @@ def make_learner(cfg: FitConfig, spec: InputSpec, data: TrainingData, metrics: b
     return learn
 
 
-def training_data(cfg: FitConfig, spec: InputSpec) -> TrainingData:
+def training_data(cfg: FitConfig, spec: InputSpec, every_photo: bool = False) -> TrainingData:
     return whale_dataloaders(
         cfg.data,
         cfg.prepared_dir,
@@ -118,6 +118,7 @@ def training_data(cfg: FitConfig, spec: InputSpec) -> TrainingData:
         augment=cfg.augment,
         num_workers=cfg.num_workers,
         seed=cfg.seed,
+        every_photo=every_photo,
     )
 
 
@@ -144,6 +145,10 @@ def fit(cfg: FitConfig, resume: bool = False, distributed: bool = False, typed: 
         if distributed:
             raise WhalefastError("--members trains its networks one after another; it does not run with --distributed")
         return fit_ensemble(cfg, spec, resume)
+    if cfg.refit:
+        if distributed or resume:
+            raise WhalefastError(f"--refit trains in one process from the start; it does not run with {'--distributed' if distributed else '--resume'}")
+        return fit_refit(cfg, spec)
     if distributed:
         init_distributed()
     t = train_network(cfg, spec, resume, distributed)
@@ -162,16 +167,20 @@ class Trained:
     scored: Embedded | None  # the outputs of the last epoch the training-time MAP@5 scored
 
 
-def train_network(cfg: FitConfig, spec: InputSpec, resume: bool = False, distributed: bool = False, more_files: dict | None = None) -> Trained:
+def train_network(
+    cfg: FitConfig, spec: InputSpec, resume: bool = False, distributed: bool = False, more_files: dict | None = None, every_photo: bool = False
+) -> Trained:
     """Train one network as `cfg` says, checkpointing to its run folder.
 
-    `more_files` (path -> JSON content) are written first when the first epoch ends (an ensemble's own status and config).
+    `more_files` (path -> JSON content) are written first when the first epoch ends (an ensemble's own
+    status and config). With `every_photo`, the held-out photos train too and no validation MAP@5 is
+    scored (there is nothing held out to score).
     """
     set_seed(cfg.seed, reproducible=True)
-    data = rank0_first(training_data, cfg, spec)  # rank 0 builds the decoded-image cache, the others then read it
+    data = rank0_first(training_data, cfg, spec, every_photo)  # rank 0 builds the decoded-image cache, the others then read it
     learnt = Learnt(vocab=list(data.vocab), train_digest=file_digest(Path(cfg.data) / "train.csv"))
     run = Run(cfg.run_dir)
-    learn = make_learner(cfg, spec, data)
+    learn = make_learner(cfg, spec, data, metrics=not every_photo)
 
     start_epoch, previous, best = 0, None, (float("inf"), -1)
     if resume:
@@ -239,6 +248,22 @@ def fit_ensemble(cfg: FitConfig, spec: InputSpec, resume: bool = False) -> dict:
         write_json(content, path)
     save_torch(model.state_dict(), run / Run.WEIGHTS)
     return finish(run, cfg, spec, t.learnt, model, t.data, best_epochs, sum(losses) / len(losses))
+
+
+def fit_refit(cfg: FitConfig, spec: InputSpec) -> dict:
+    """Train on the training photos (RUN/validation/, an ordinary calibrated run), then with the same settings on every labelled photo.
+
+    The second network is the model: it learns from the held-out photos too (most whales have one or
+    two), and keeps the first one's new_whale threshold and validation figures, the only honest ones.
+    """
+    first = validation_config(cfg)
+    console.print(f"refit 1 of 2: {cfg.epochs} epochs on the training photos, to calibrate the new_whale threshold")
+    t = train_network(first, spec, more_files=Run(cfg.run_dir).start_files(asdict(cfg)))
+    calibrated = finish(Run(first.run_dir), first, spec, t.learnt, unwrap(t.learn.model), t.data, t.best_epoch, t.best_loss, t.scored, catalogue=False)
+    calibrated.pop("run_dir")
+    console.print(f"refit 2 of 2: {cfg.epochs} epochs on every labelled photo")
+    t = train_network(cfg, spec, every_photo=True)
+    return finish(Run(cfg.run_dir), cfg, spec, t.learnt, unwrap(t.learn.model), t.data, t.best_epoch, t.best_loss, calibrated=calibrated)
 
 
 # Settings that do not change what a member learns: where it is, how fast it loads, and what inference does after.

@@ -56,20 +56,42 @@ class EmbeddingHead(nn.Module):
     mean of theirs, as for ensemble members.
     """
 
-    def __init__(self, features: int, embed_dim: int, n_classes: int, margin: float, scale: float, sub_centers: int = 1, parts: int = 0, training: bool = True):
+    def __init__(
+        self,
+        features: int,
+        embed_dim: int,
+        n_classes: int,
+        margin: float,
+        scale: float,
+        sub_centers: int = 1,
+        parts: int = 0,
+        training: bool = True,
+        margins: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.parts = parts
-        self.embed, self.arcface = self._branch(features, embed_dim, n_classes, margin, scale, sub_centers, training)
-        branches = [self._branch(features, embed_dim, n_classes, margin, scale, sub_centers, training) for _ in range(2 * parts)]
+        branch = (features, embed_dim, n_classes, margin, scale, sub_centers, training, margins)
+        self.embed, self.arcface = self._branch(*branch)
+        branches = [self._branch(*branch) for _ in range(2 * parts)]
         self.part_embeds = nn.ModuleList(b[0] for b in branches)
         self.part_arcfaces = nn.ModuleList(b[1] for b in branches)
 
     @staticmethod
-    def _branch(features: int, embed_dim: int, n_classes: int, margin: float, scale: float, sub_centers: int, training: bool) -> tuple[nn.Module, nn.Module]:
+    def _branch(
+        features: int, embed_dim: int, n_classes: int, margin: float, scale: float, sub_centers: int, training: bool, margins: torch.Tensor | None
+    ) -> tuple[nn.Module, nn.Module]:
+        """One embedding and its ArcFace loss (`margins`: one per class, in radians, instead of `margin`)."""
         embed = nn.Sequential(GeM(), nn.Linear(features, embed_dim), nn.BatchNorm1d(embed_dim))
         if not training:
             return embed, ClassCentres(embed_dim, n_classes * max(1, sub_centers))
         from pytorch_metric_learning.losses import ArcFaceLoss, SubCenterArcFaceLoss
+
+        if margins is not None:
+            from whalefast.nets.margins import DynamicArcFaceLoss, DynamicSubCenterArcFaceLoss
+
+            if sub_centers > 1:
+                return embed, DynamicSubCenterArcFaceLoss(margins, embedding_size=embed_dim, scale=scale, sub_centers=sub_centers)
+            return embed, DynamicArcFaceLoss(margins, embedding_size=embed_dim, scale=scale)
 
         # pytorch-metric-learning takes the margin in degrees.
         degrees = float(torch.rad2deg(torch.tensor(margin)))

@@ -19,6 +19,7 @@ from whalefast.runs.recipes import recipe
 
 METHODS = ("softmax", "arcface")
 MEMBERS_DIR = "members"
+VALIDATION_RUN = "validation"  # fit --refit: the run on the training photos alone that chose the threshold, inside the model's folder
 
 
 @dataclass
@@ -49,7 +50,9 @@ class FitConfig:
     models_dir: str = "models"
     seed: int = 42
     embed_dim: int = 512
-    margin: float = 0.3
+    margin: float = 0.3  # radians; with margin_power, the margin of an id with one training photo
+    margin_power: float = 0.0  # arcface: margins fall with an id's photos n as n^-margin_power towards margin_floor (0: one margin for all)
+    margin_floor: float = 0.05
     scale: float = 30.0
     sub_centers: int = 1
     parts: int = 0  # arcface: the feature map also cut into this many vertical and horizontal strips, each embedded on its own (EmbeddingHead)
@@ -62,6 +65,7 @@ class FitConfig:
     members: int = 1  # an ensemble of this many networks, seeds seed, seed + 1, ...
     tta_scales: tuple[float, ...] = (1.0,)  # inference sees each photo resized by each factor, the views combined
     catalogue_dims: int = 0  # arcface: store embeddings in the catalogue projected to this many dimensions (0: as they are)
+    refit: bool = False  # after a run on the training photos has calibrated the threshold, train again on every labelled photo
 
     def __post_init__(self):
         self.size = as_size(self.size)
@@ -196,10 +200,12 @@ def check_config(cfg: FitConfig) -> None:
         value = getattr(cfg, option)
         if not (math.isfinite(value) and value > 0):
             raise WhalefastError(f"--{option.replace('_', '-')} must be a positive number, got {value}")
-    for option in ("gamma", "momentum", "wd", "margin"):
+    for option in ("gamma", "momentum", "wd", "margin", "margin_power", "margin_floor"):
         value = getattr(cfg, option)
         if not (math.isfinite(value) and value >= 0):
             raise WhalefastError(f"--{option} must be a number of at least 0, got {value}")
+    if cfg.margin_power and cfg.margin_floor > cfg.margin:
+        raise WhalefastError(f"--margin-floor must be at most --margin ({cfg.margin}), got {cfg.margin_floor}")
     if cfg.parts < 0 or cfg.parts == 1:
         raise WhalefastError(f"--parts must be 0 (the whole photo only) or at least 2, got {cfg.parts}")
     cells = tuple(math.ceil(side / get_arch(cfg.arch).stride) for side in cfg.size)
@@ -220,6 +226,8 @@ def check_config(cfg: FitConfig) -> None:
         raise WhalefastError(f"--size must be 16 to {MAX_SIDE} pixels each way, got {size_text(cfg.size)}")
     if any(m < 1 for m in cfg.milestones):
         raise WhalefastError(f"--milestones must be epoch numbers of at least 1, got {','.join(map(str, cfg.milestones))}")
+    if cfg.refit and cfg.members > 1:
+        raise WhalefastError("--refit trains one network twice; it does not combine with --members")
     for option in ("freeze_epochs", "frozen_stages"):
         if getattr(cfg, option) and not cfg.pretrained:
             flag = f"--{option.replace('_', '-')}"
@@ -252,6 +260,11 @@ def check_resume(saved: FitConfig, typed: dict) -> None:
         raise WhalefastError(
             f"--resume continues {saved.name} with its saved settings, but {'; '.join(differ)}: drop those options, or start a new run with another --name"
         )
+
+
+def validation_config(cfg: FitConfig) -> FitConfig:
+    """The settings of a refit's first run, on the training photos alone: the same, in RUN/validation/."""
+    return replace(cfg, refit=False, name=VALIDATION_RUN, models_dir=str(cfg.run_dir))
 
 
 def member_config(cfg: FitConfig, index: int) -> FitConfig:

@@ -65,8 +65,11 @@ class Method:
     has_catalogue: bool
     combine: Combine
 
-    def head(self, cfg: FitConfig, n_classes: int, training: bool = True) -> nn.Module | None:
-        """The head on the backbone (None: fastai's classifier head); without `training`, only what inference and its checkpoint need."""
+    def head(self, cfg: FitConfig, n_classes: int, training: bool = True, counts=None) -> nn.Module | None:
+        """The head on the backbone (None: fastai's classifier head); without `training`, only what inference and its checkpoint need.
+
+        `counts`: the training photos of each class, for margins that depend on them.
+        """
         raise NotImplementedError
 
     def loss(self, head: nn.Module | None) -> nn.Module:
@@ -133,7 +136,7 @@ class Softmax(Method):
     name, has_catalogue = "softmax", False
     combine = staticmethod(average_probabilities)
 
-    def head(self, cfg, n_classes, training=True):
+    def head(self, cfg, n_classes, training=True, counts=None):
         return None
 
     def loss(self, head):
@@ -154,8 +157,15 @@ class ArcFace(Method):
     name, has_catalogue = "arcface", True
     combine = staticmethod(concatenate_unit)
 
-    def head(self, cfg, n_classes, training=True):
-        return EmbeddingHead(get_arch(cfg.arch).features, cfg.embed_dim, n_classes, cfg.margin, cfg.scale, cfg.sub_centers, cfg.parts, training)
+    def head(self, cfg, n_classes, training=True, counts=None):
+        margins = None
+        if training and cfg.margin_power:
+            from whalefast.nets.margins import class_margins  # training only
+
+            if counts is None:
+                raise WhalefastError("--margin-power needs the number of training photos of each id")
+            margins = class_margins(counts, cfg.margin, cfg.margin_power, cfg.margin_floor)
+        return EmbeddingHead(get_arch(cfg.arch).features, cfg.embed_dim, n_classes, cfg.margin, cfg.scale, cfg.sub_centers, cfg.parts, training, margins)
 
     def loss(self, head):
         from whalefast.nets.losses import ArcFaceCriterion  # training only
