@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from whalefast import NEW_WHALE
 from whalefast.core.files import load_saved
 from whalefast.core.labels import read_labels
-from whalefast.core.ranking import NEW_WHALE_TARGET, cosine_id_scores, map5
+from whalefast.core.ranking import NEW_WHALE_TARGET, cosine_id_scores, map5, map5_labels, rank_with_new_whale
 from whalefast.data.layout import test_images
 from whalefast.data.prepared import image_cache, load_split
 from whalefast.match.matcher import Matcher
@@ -52,17 +52,6 @@ def centre_scores(raw: torch.Tensor, centres: list[torch.Tensor], views: int, n_
     return total / len(centres)
 
 
-def place_new_whale(scores: torch.Tensor, new_score: torch.Tensor, k: int = 5) -> torch.Tensor:
-    """Top-k id indices per row with new_whale inserted before the first id scoring below the row's `new_score`."""
-    values, idx = scores.topk(k, dim=1)
-    position = (values >= new_score[:, None]).sum(1, keepdim=True)
-    j = torch.arange(k + 1)[None]
-    idx = torch.cat([idx, idx[:, -1:]], 1)
-    shifted = torch.cat([idx[:, :1], idx[:, :-1]], 1)
-    out = torch.where(j < position, idx, torch.where(j == position, torch.full_like(idx, NEW_WHALE_TARGET), shifted))
-    return out[:, :k]
-
-
 def calibrate(scores: torch.Tensor, sighting: torch.Tensor | None, targets: torch.Tensor) -> tuple[float, float]:
     """The threshold maximising validation MAP@5 under the rule (new_whale at max(threshold, nearest sighting)), and that MAP@5."""
     top = scores.max(1).values
@@ -70,7 +59,7 @@ def calibrate(scores: torch.Tensor, sighting: torch.Tensor | None, targets: torc
     best = (0.0, -1.0)
     for t in candidates.tolist():
         new_score = torch.full((len(scores),), t) if sighting is None else sighting.clamp(min=t)
-        value = map5(place_new_whale(scores, new_score), targets)
+        value = map5(rank_with_new_whale(scores, new_score[:, None]), targets)
         if value > best[1] + 1e-12:
             best = (t, value)
     return best
@@ -173,17 +162,18 @@ def main() -> None:
             extra = torch.where(mine[:, None], self_sims, extra)
             t_scores = torch.maximum(t_scores, extra)
         new_score = torch.full((len(test),), threshold) if t_sight is None else t_sight.clamp(min=threshold)
-        ranked = place_new_whale(t_scores, new_score).tolist()
+        ranked = rank_with_new_whale(t_scores, new_score[:, None]).tolist()
         predictions = [apply_matches([NEW_WHALE if i == NEW_WHALE_TARGET else ids[i] for i in r], matches.get(n, [])) for n, r in zip(test_names, ranked)]
-        hits = []
-        for p, n in zip(predictions, test_names):
-            hits.append(next((1.0 / k for k, label in enumerate(p, start=1) if label == truth[n]), 0.0))
-        hits = torch.tensor(hits)
-        new = test_targets == NEW_WHALE_TARGET
+        truths = [truth[n] for n in test_names]
+        new = [t == NEW_WHALE for t in truths]
+
+        def part(keep: list[bool]) -> float:
+            return round(map5_labels([p for p, k in zip(predictions, keep) if k], [t for t, k in zip(truths, keep) if k]), 4)
+
         row.update(
-            test_map5=round(float(hits.mean()), 4),
-            test_catalogued=round(float(hits[~new].mean()), 4),
-            test_new_whale=round(float(hits[new].mean()), 4),
+            test_map5=part([True] * len(truths)),
+            test_catalogued=part([not n for n in new]),
+            test_new_whale=part(new),
             new_whale_first=round(sum(p[0] == NEW_WHALE for p in predictions) / len(predictions), 4),
         )
         return row

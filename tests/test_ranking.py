@@ -32,6 +32,8 @@ def test_rank_inserts_new_whale_before_first_score_below_threshold():
     assert ranked.tolist() == [[0, 1, NW, 2, 3], [5, NW, 0, 1, 2]]
     assert rank_with_new_whale(scores, threshold=0.9)[:, 0].tolist() == [NW, NW]
     assert rank_with_new_whale(scores, threshold=0.0)[0].tolist() == [0, 1, 2, 3, 4]
+    per_row = rank_with_new_whale(scores, threshold=torch.tensor([[0.4], [0.9]]))  # one threshold per row
+    assert per_row.tolist() == [[0, NW, 1, 2, 3], [NW, 5, 0, 1, 2]]
 
 
 def test_calibration_picks_threshold_that_maximises_map5():

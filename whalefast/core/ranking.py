@@ -33,8 +33,8 @@ def map5_labels(predictions: Sequence[Sequence[str]], truths: Sequence[str]) -> 
     return total / len(truths)
 
 
-def rank_with_new_whale(scores: torch.Tensor, threshold: float | None, k: int = 5) -> torch.Tensor:
-    """The top-k class indices per row with new_whale inserted before the first score below `threshold`."""
+def rank_with_new_whale(scores: torch.Tensor, threshold: float | torch.Tensor | None, k: int = 5) -> torch.Tensor:
+    """The top-k class indices per row with new_whale inserted before the first score below `threshold` (one for all rows, or an (n, 1) tensor: one per row)."""
     k_classes = min(k, scores.shape[1])
     values, idx = scores.topk(k_classes, dim=1)
     if threshold is None:
