@@ -8,7 +8,7 @@ RECIPES. Prints one table row per run, wall times included, and writes the table
 
     python bench/real_flukes.py --data ../shared/data/real-flukes-100px               # every row (about 2.5 h on 2 CPU cores)
     python bench/real_flukes.py --data ../shared/data/real-flukes-100px --crops predicted --methods arcface   # the recipe, end to end
-    python bench/real_flukes.py --data ../shared/data/real-flukes-100px --crops predicted --methods arcface --members 2   # an ensemble of two
+    python bench/real_flukes.py --data ../shared/data/real-flukes-100px --crops predicted --methods arcface --members 2   # an ensemble of two (without the fold-in)
 """
 
 from __future__ import annotations
@@ -78,6 +78,8 @@ def run(args) -> pd.DataFrame:
             name = f"{method}-{crop}"
             overrides = {"epochs": args.epochs, "size": args.size, "tta_scales": args.tta_scales, "parts": args.parts, **dict(args.set)}
             options = {"data": data, "recipe": "flukes", "method": method, "name": name, "models_dir": models, "seed": args.seed, "members": args.members}
+            if args.members > 1:
+                options["fold_in"] = 0  # as fit --members needs: an ensemble's networks are not folded in
             cfg = FitConfig.from_options({**options, **{k: v for k, v in overrides.items() if v is not None}})
             start = time.time()
             fitted = fit(cfg)
@@ -106,7 +108,7 @@ def run(args) -> pd.DataFrame:
                     "end_to_end_minutes": round(total / 60, 1),
                 }
             )
-            if cfg.refit:  # its first run is this seed's run without the refit: scored on test beside it, against the same catalogue photos
+            if cfg.refits:  # its first run is this seed's run without the refit: scored on test beside it, against the same catalogue photos
                 first = models / name / VALIDATION_RUN
                 scores = evaluate(submit(data, first, work / f"{name}-{VALIDATION_RUN}.csv", db=models / CATALOGUE_DB)["out"], data / "test_answers.csv")
                 rows.append(

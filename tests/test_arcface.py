@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pandas as pd
 import pytest
 import torch
@@ -170,6 +172,84 @@ def test_training_items_for_every_photo_train_the_held_out_photos_too():
     assert items[items.is_valid].Image.tolist() == ["b.jpg", "e.jpg"] and items[items.is_valid].label.tolist() == ["w_1", "new_whale"]
 
 
+def test_class_centres_follow_their_ids_and_a_new_id_starts_at_its_photos():
+    from whalefast.nets.heads import carry_over_centres
+
+    torch.manual_seed(0)
+    trained = EmbeddingHead(features=8, embed_dim=4, n_classes=3, margin=0.4, scale=10.0, sub_centers=2, parts=1)
+    head = EmbeddingHead(features=8, embed_dim=4, n_classes=4, margin=0.4, scale=10.0, sub_centers=2, parts=1)
+    index = torch.tensor([2, -1, 0, 1])  # the new vocabulary's class 1 is an id the trained head never saw
+    imprints = torch.randn(4, 3 * 4)  # the sum of its photos' outputs: 3 branches (whole, 2 strips) of 4 numbers
+    carry_over_centres(head, trained, index, imprints)
+    for b, (new, old) in enumerate(zip(head.losses, trained.losses)):
+        assert new.W.shape == (4, 8) and old.W.shape == (4, 6)
+        for i, j in ((0, 2), (2, 0), (3, 1)):
+            assert torch.equal(new.W[:, 2 * i : 2 * i + 2], old.W[:, 2 * j : 2 * j + 2])  # both sub-centres
+        imprint = F.normalize(imprints[1, 4 * b : 4 * b + 4], dim=0) * old.W.norm(dim=0).mean()
+        assert torch.allclose(new.W[:, 2], imprint) and torch.allclose(new.W[:, 3], imprint)
+
+
+def test_a_classifiers_rows_follow_their_ids_and_a_new_id_keeps_its_fresh_row():
+    from torch import nn
+
+    from whalefast.nets.heads import carry_over_classifier
+
+    torch.manual_seed(0)
+    trained, network = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)), nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 4))
+    fresh = network[2].weight.detach().clone()
+    carry_over_classifier(network, trained, torch.tensor([1, -1, 2, 0]))
+    assert torch.equal(network[2].weight[[0, 2, 3]], trained[2].weight[[1, 2, 0]])
+    assert torch.equal(network[2].bias[[0, 2, 3]], trained[2].bias[[1, 2, 0]])
+    assert torch.equal(network[2].weight[1], fresh[1])
+
+
+@pytest.mark.slow
+def test_fold_in_goes_on_from_the_validation_runs_network_and_resumes_where_it_stopped(tiny_data, tmp_path, tiny_config, monkeypatch):
+    from whalefast.learn.callbacks import Checkpoints
+    from whalefast.learn.trainer import fit
+    from whalefast.runs.folder import Run
+
+    cfg = tiny_config(tiny_data, tmp_path / "models", name="fold", method="arcface", embed_dim=32, scale=16.0, epochs=2, map_every=2, fold_in=2)
+    result = fit(cfg)
+    validation, final = Run.open(tmp_path / "models" / "fold" / "validation"), Run.open(tmp_path / "models" / "fold")
+    assert validation.calibration["threshold"] == result["threshold"] == final.threshold
+    assert final.settings.fold_in == 2 and final.settings.epochs == 2 and validation.settings.fold_in == 0  # the run records the settings as given
+    assert set(validation.learnt.vocab) <= set(final.learnt.vocab)
+    first, folded = pd.read_csv(validation.path / "history.csv"), pd.read_csv(final.path / "history.csv")
+    assert len(first) == 2 and len(folded) == 2
+    assert folded.train_loss.iloc[0] < first.train_loss.iloc[0]  # it starts from the trained network, not from ImageNet
+    assert final.weights_digest != validation.weights_digest
+
+    original, calls = Checkpoints.after_epoch, []
+
+    def interrupt_in_the_fold_in(self):
+        original(self)
+        calls.append(1)
+        if len(calls) == 3:  # the first run's 2 epochs are done and calibrated; the fold-in's first epoch is saved
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpoints, "after_epoch", interrupt_in_the_fold_in)
+    again = replace(cfg, name="again")
+    with pytest.raises(KeyboardInterrupt):
+        fit(again)
+    monkeypatch.setattr(Checkpoints, "after_epoch", original)
+    assert Run.open(tmp_path / "models" / "again" / "validation").calibration["threshold"] == result["threshold"]
+    resumed = fit(again, resume=True)
+    assert resumed["threshold"] == pytest.approx(result["threshold"], abs=1e-6)
+    history = pd.read_csv(tmp_path / "models" / "again" / "history.csv")
+    # the same weights as the uninterrupted run (train_loss is fastai's running mean, which starts again on resume)
+    assert history.epoch.tolist() == [0, 1] and history.valid_loss.tolist() == pytest.approx(folded.valid_loss.tolist(), rel=1e-5)
+    assert resumed["refit_valid_loss"] == pytest.approx(result["refit_valid_loss"], rel=1e-5)
+    for wrong, message in (
+        (dict(refit=True), "choose one"),
+        (dict(members=2), r"--fold-in 2 trains one network twice; it does not combine with --members \(add --fold-in 0"),
+    ):
+        with pytest.raises(WhalefastError, match=message):
+            fit(replace(cfg, **wrong))
+    with pytest.raises(WhalefastError, match="does not run with --distributed"):
+        fit(cfg, distributed=True)
+
+
 @pytest.mark.slow
 def test_refit_trains_on_every_photo_and_keeps_the_validation_runs_threshold(tiny_data, tmp_path, tiny_config, catalogue_of):
     from whalefast.learn.trainer import fit
@@ -192,5 +272,6 @@ def test_refit_trains_on_every_photo_and_keeps_the_validation_runs_threshold(tin
     assert not (tmp_path / "models" / "refit" / "validation" / "catalogue.db").exists()
     assert not any(p.name == "catalogue.db" for p in (tmp_path / "models" / "refit").iterdir())  # the validation run catalogued nothing
     assert validation.projection is not None and catalogue.embeddings.shape[1] == 8  # but it can match as it would have (its projection is saved)
-    with pytest.raises(WhalefastError, match="--refit trains in one process from the start; it does not run with --resume"):
-        fit(cfg, resume=True)
+    resumed = fit(cfg, resume=True)  # a finished refit: nothing left to train, the same model
+    assert resumed["threshold"] == pytest.approx(result["threshold"], abs=1e-6)  # calibrated again from the same weights
+    assert Run.open(final.path).weights_digest == final.weights_digest

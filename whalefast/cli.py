@@ -230,6 +230,11 @@ REFIT_HELP = (
     "After a run on the training photos calibrated the new_whale threshold (kept in NAME/validation/), train again on every labelled photo: twice the time."
 )
 RefitOpt = Annotated[bool, typer.Option(help=REFIT_HELP, rich_help_panel=TRAIN)]
+FOLD_IN_HELP = (
+    "After a run on the training photos calibrated the new_whale threshold (kept in NAME/validation/), "
+    "train its network this many epochs more on every labelled photo (0: none)."
+)
+FoldInOpt = Annotated[int, typer.Option(help=FOLD_IN_HELP, rich_help_panel=TRAIN)]
 MEMBERS_HELP = "Train an ensemble of this many networks, from seeds SEED, SEED+1 and so on, used as one model; each one costs a full fit."
 MembersOpt = Annotated[int, typer.Option(help=MEMBERS_HELP, rich_help_panel=MODEL)]
 
@@ -273,6 +278,7 @@ def training_options(
     tta_scales: TtaScalesOpt = "1",
     catalogue_dims: CatalogueDimsOpt = 0,
     refit: RefitOpt = False,
+    fold_in: FoldInOpt = 0,
 ):
     """The options fit and lr-find share: a run's settings (whalefast.runs.config.FitConfig), the defaults the reference recipe's."""
 

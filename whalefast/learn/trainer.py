@@ -136,7 +136,8 @@ def fit(cfg: FitConfig, resume: bool = False, distributed: bool = False, typed: 
         check_resume(run.settings, typed or {})
         where = {k: getattr(cfg, k) for k in RESUMABLE_CHANGES}  # where it is now, if moved
         cfg, spec = replace(run.settings, **where), run.spec if (run / Run.INPUT).is_file() else None
-        if cfg.members == 1 and not (run / Run.RESUME).is_file():
+        first = Run(validation_config(cfg).run_dir) / Run.RESUME  # a refit interrupted in its first run
+        if cfg.members == 1 and not (run / Run.RESUME).is_file() and not (cfg.refits and first.is_file()):
             raise WhalefastError(f"{run / Run.RESUME}: nothing to resume")
     check_config(cfg)
     spec = spec or resolve_input_spec(cfg)
@@ -145,10 +146,11 @@ def fit(cfg: FitConfig, resume: bool = False, distributed: bool = False, typed: 
         if distributed:
             raise WhalefastError("--members trains its networks one after another; it does not run with --distributed")
         return fit_ensemble(cfg, spec, resume)
-    if cfg.refit:
-        if distributed or resume:
-            raise WhalefastError(f"--refit trains in one process from the start; it does not run with {'--distributed' if distributed else '--resume'}")
-        return fit_refit(cfg, spec)
+    if cfg.refits:
+        if distributed:
+            flag, fix = ("--refit", "drop --refit") if cfg.refit else (f"--fold-in {cfg.fold_in}", "add --fold-in 0")
+            raise WhalefastError(f"{flag} trains its two runs in one process; it does not run with --distributed ({fix})")
+        return fit_refit(cfg, spec, resume)
     if distributed:
         init_distributed()
     t = train_network(cfg, spec, resume, distributed)
@@ -168,19 +170,30 @@ class Trained:
 
 
 def train_network(
-    cfg: FitConfig, spec: InputSpec, resume: bool = False, distributed: bool = False, more_files: dict | None = None, every_photo: bool = False
+    cfg: FitConfig,
+    spec: InputSpec,
+    resume: bool = False,
+    distributed: bool = False,
+    more_files: dict | None = None,
+    every_photo: bool = False,
+    start_from: Trained | None = None,
+    settings: FitConfig | None = None,
 ) -> Trained:
     """Train one network as `cfg` says, checkpointing to its run folder.
 
     `more_files` (path -> JSON content) are written first when the first epoch ends (an ensemble's own
     status and config). With `every_photo`, the held-out photos train too and no validation MAP@5 is
-    scored (there is nothing held out to score).
+    scored (there is nothing held out to score). `start_from`: a trained network to go on from (fit
+    --fold-in), its class centres following their ids. `settings`: what the run folder records, where
+    `cfg` is only how this stage trains.
     """
     set_seed(cfg.seed, reproducible=True)
     data = rank0_first(training_data, cfg, spec, every_photo)  # rank 0 builds the decoded-image cache, the others then read it
     learnt = Learnt(vocab=list(data.vocab), train_digest=file_digest(Path(cfg.data) / "train.csv"))
     run = Run(cfg.run_dir)
     learn = make_learner(cfg, spec, data, metrics=not every_photo)
+    if start_from is not None:
+        carry_over(unwrap(learn.model), start_from, data, cfg, spec)
 
     start_epoch, previous, best = 0, None, (float("inf"), -1)
     if resume:
@@ -201,7 +214,7 @@ def train_network(
             set_rng_state(learn.dls, state["rng"])
 
     history = History(run / Run.HISTORY, run / Run.CURVES, previous)
-    files = {} if resume else {**(more_files or {}), **run.start_files(asdict(cfg), learnt, spec)}
+    files = {} if resume else {**(more_files or {}), **run.start_files(asdict(settings or cfg), learnt, spec)}
     checkpoints = Checkpoints(run / Run.WEIGHTS, run / Run.RESUME, *best)
     cbs = [StopOnNonFiniteLoss(cfg.lr), StartRunFolder(files), history, checkpoints]
     if start_epoch < cfg.epochs:
@@ -250,20 +263,49 @@ def fit_ensemble(cfg: FitConfig, spec: InputSpec, resume: bool = False) -> dict:
     return finish(run, cfg, spec, t.learnt, model, t.data, best_epochs, sum(losses) / len(losses))
 
 
-def fit_refit(cfg: FitConfig, spec: InputSpec) -> dict:
-    """Train on the training photos (RUN/validation/, an ordinary calibrated run), then with the same settings on every labelled photo.
+# fit --fold-in: the first network goes on at this fraction of its peak learning rate, in a one-cycle
+# of its own; from the start at the full rate it would first forget much of what it learnt.
+FOLD_IN_LR = 0.1
+
+
+def fit_refit(cfg: FitConfig, spec: InputSpec, resume: bool = False) -> dict:
+    """Train on the training photos (RUN/validation/, an ordinary calibrated run), then on every labelled photo: a new network with the same settings (--refit) or the first one for cfg.fold_in epochs more.
 
     The second network is the model: it learns from the held-out photos too (most whales have one or
     two), and keeps the first one's new_whale threshold and validation figures, the only honest ones.
+    With `resume`, each run continues where it stopped (a finished first run is loaded as it is).
     """
     first = validation_config(cfg)
     console.print(f"refit 1 of 2: {cfg.epochs} epochs on the training photos, to calibrate the new_whale threshold")
-    t = train_network(first, spec, more_files=Run(cfg.run_dir).start_files(asdict(cfg)))
+    t = train_network(first, spec, resume and is_member_resumable(first), more_files=None if resume else Run(cfg.run_dir).start_files(asdict(cfg)))
     calibrated = finish(Run(first.run_dir), first, spec, t.learnt, unwrap(t.learn.model), t.data, t.best_epoch, t.best_loss, t.scored, catalogue=False)
     calibrated.pop("run_dir")
-    console.print(f"refit 2 of 2: {cfg.epochs} epochs on every labelled photo")
-    t = train_network(cfg, spec, every_photo=True)
+    second = (Run(cfg.run_dir) / Run.RESUME).is_file()  # the second run had begun
+    if cfg.fold_in:
+        console.print(f"refit 2 of 2: the same network on every labelled photo, {cfg.fold_in} epoch{'s' if cfg.fold_in > 1 else ''} more")
+        stage = replace(cfg, epochs=cfg.fold_in, lr=cfg.lr * FOLD_IN_LR, freeze_epochs=0)
+        t = train_network(stage, spec, resume and second, every_photo=True, start_from=t, settings=cfg)
+    else:
+        console.print(f"refit 2 of 2: {cfg.epochs} epochs on every labelled photo")
+        t = train_network(cfg, spec, resume and second, every_photo=True)
     return finish(Run(cfg.run_dir), cfg, spec, t.learnt, unwrap(t.learn.model), t.data, t.best_epoch, t.best_loss, calibrated=calibrated)
+
+
+def carry_over(network: nn.Module, trained: Trained, data: TrainingData, cfg: FitConfig, spec: InputSpec) -> None:
+    """Start `network` (for `data`'s classes) from `trained`'s weights, each id keeping what it learnt there (see Method.carry_over_classes)."""
+    method, trained_network = get_method(cfg.method), unwrap(trained.learn.model)
+    old = {name: i for i, name in enumerate(trained.learnt.vocab)}
+    index = torch.tensor([old.get(name, -1) for name in data.vocab])
+
+    def new_outputs() -> torch.Tensor:
+        rows = data.items[~data.items.is_valid & data.items.label.isin([n for n, i in zip(data.vocab, index.tolist()) if i < 0])]
+        outputs = Embedded(method, trained_network, spec, trained.data, cfg.bs)(rows.Image).float()
+        position = {name: i for i, name in enumerate(data.vocab)}
+        return torch.zeros(len(data.vocab), outputs.shape[1]).index_add_(0, torch.tensor([position[label] for label in rows.label]), outputs)
+
+    own = network.state_dict()
+    network.load_state_dict({k: v for k, v in trained_network.state_dict().items() if k in own and v.shape == own[k].shape}, strict=False)
+    method.carry_over_classes(network, trained_network, index, new_outputs)
 
 
 # Settings that do not change what a member learns: where it is, how fast it loads, and what inference does after.

@@ -112,6 +112,33 @@ class EmbeddingHead(nn.Module):
         return torch.cat(blocks, dim=1) / math.sqrt(len(blocks))
 
 
+@torch.no_grad()
+def carry_over_centres(head: EmbeddingHead, trained: EmbeddingHead, index: torch.Tensor, imprints: torch.Tensor | None = None) -> None:
+    """Give `head`'s class i the centres of `trained`'s class index[i]; a class with index -1 gets its row of `imprints` (the sum of its photos' outputs), scaled as the trained centres are.
+
+    Sub-centres are a class's adjacent columns, as pytorch-metric-learning lays them out.
+    """
+    kept = index >= 0
+    for b, (new, old) in enumerate(zip(head.losses, trained.losses)):
+        dim, sub = new.W.shape[0], new.W.shape[1] // len(index)
+        old_w, new_w = old.W.view(dim, -1, sub), new.W.view(dim, len(index), sub)
+        new_w[:, kept] = old_w[:, index[kept]].to(new_w.dtype)
+        if imprints is not None and (~kept).any():
+            direction = F.normalize(imprints[~kept, b * dim : (b + 1) * dim].float(), dim=1)  # each branch's block of the output
+            norm = old.W.norm(dim=0).mean()
+            new_w[:, ~kept] = (direction.T * norm).unsqueeze(-1).to(new_w.dtype)
+
+
+@torch.no_grad()
+def carry_over_classifier(network: nn.Module, trained: nn.Module, index: torch.Tensor) -> None:
+    """Give class i of `network`'s last linear layer the weights and bias of `trained`'s class index[i]; a class with index -1 keeps its fresh ones."""
+    new, old = (next(m for m in reversed(list(n.modules())) if isinstance(m, nn.Linear)) for n in (network, trained))
+    kept = index >= 0
+    new.weight[kept] = old.weight[index[kept]].to(new.weight.dtype)
+    if new.bias is not None and old.bias is not None:
+        new.bias[kept] = old.bias[index[kept]].to(new.bias.dtype)
+
+
 class BoxHead(nn.Module):
     """Average pooling and a linear map to the box's centre and size, each in (0, 1) of the photo.
 

@@ -66,11 +66,17 @@ class FitConfig:
     tta_scales: tuple[float, ...] = (1.0,)  # inference sees each photo resized by each factor, the views combined
     catalogue_dims: int = 0  # arcface: store embeddings in the catalogue projected to this many dimensions (0: as they are)
     refit: bool = False  # after a run on the training photos has calibrated the threshold, train again on every labelled photo
+    fold_in: int = 0  # after a run on the training photos has calibrated the threshold, train its network this many epochs more on every labelled photo
 
     def __post_init__(self):
         self.size = as_size(self.size)
         self.milestones = tuple(int(m) for m in self.milestones)
         self.tta_scales = as_scales(self.tta_scales)
+
+    @property
+    def refits(self) -> bool:
+        """Whether the model is trained again on every labelled photo once a run on the training photos has calibrated it (--refit or --fold-in)."""
+        return self.refit or self.fold_in > 0
 
     @property
     def run_dir(self) -> Path:
@@ -180,7 +186,7 @@ def legacy_input_spec(raw: dict) -> InputSpec:
 
 # Upper bounds that keep a typo from asking for terabytes: an embedding of 100 million numbers, a thousand networks.
 AUGMENTS = ("reference", "fluke")  # the training pipelines of whalefast.data.loaders (flips; whalefast.data.augment.FlukeAugment)
-LIMITS = {"embed_dim": 8192, "sub_centers": 64, "members": 64, "epochs": 10_000, "bs": 65_536, "catalogue_dims": 8192}
+LIMITS = {"fold_in": 10_000, "embed_dim": 8192, "sub_centers": 64, "members": 64, "epochs": 10_000, "bs": 65_536, "catalogue_dims": 8192}
 
 
 def check_config(cfg: FitConfig) -> None:
@@ -226,8 +232,13 @@ def check_config(cfg: FitConfig) -> None:
         raise WhalefastError(f"--size must be 16 to {MAX_SIDE} pixels each way, got {size_text(cfg.size)}")
     if any(m < 1 for m in cfg.milestones):
         raise WhalefastError(f"--milestones must be epoch numbers of at least 1, got {','.join(map(str, cfg.milestones))}")
-    if cfg.refit and cfg.members > 1:
-        raise WhalefastError("--refit trains one network twice; it does not combine with --members")
+    if cfg.refits and cfg.members > 1:
+        flag, fix = ("--refit", "drop --refit") if cfg.refit else (f"--fold-in {cfg.fold_in}", "add --fold-in 0")
+        raise WhalefastError(f"{flag} trains one network twice; it does not combine with --members ({fix})")
+    if cfg.refit and cfg.fold_in:
+        raise WhalefastError("--refit trains a new network on every photo and --fold-in goes on training the first one: choose one")
+    if cfg.fold_in < 0:
+        raise WhalefastError(f"--fold-in must be 0 (none) or more epochs, got {cfg.fold_in}")
     for option in ("freeze_epochs", "frozen_stages"):
         if getattr(cfg, option) and not cfg.pretrained:
             flag = f"--{option.replace('_', '-')}"
@@ -264,7 +275,7 @@ def check_resume(saved: FitConfig, typed: dict) -> None:
 
 def validation_config(cfg: FitConfig) -> FitConfig:
     """The settings of a refit's first run, on the training photos alone: the same, in RUN/validation/."""
-    return replace(cfg, refit=False, name=VALIDATION_RUN, models_dir=str(cfg.run_dir))
+    return replace(cfg, refit=False, fold_in=0, name=VALIDATION_RUN, models_dir=str(cfg.run_dir))
 
 
 def member_config(cfg: FitConfig, index: int) -> FitConfig:

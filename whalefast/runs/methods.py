@@ -22,7 +22,7 @@ from whalefast.core.spec import InputSpec
 from whalefast.data.prepared import training_photos
 from whalefast.db.store import PhotoRecord
 from whalefast.nets.forward import embed
-from whalefast.nets.heads import EmbeddingHead
+from whalefast.nets.heads import EmbeddingHead, carry_over_centres, carry_over_classifier
 from whalefast.nets.registry import get_arch
 from whalefast.nets.views import Combine, average_probabilities, concatenate_unit
 from whalefast.runs.catalogue import Catalogue, Projection
@@ -77,6 +77,10 @@ class Method:
 
     def id_scores(self, outputs: torch.Tensor, catalogue: Catalogue | None) -> torch.Tensor:
         """(photos, ids) scores for the network's outputs."""
+        raise NotImplementedError
+
+    def carry_over_classes(self, network: nn.Module, trained: nn.Module, index: torch.Tensor, new_outputs) -> None:
+        """Give `network`'s class i what `trained` learnt for its class index[i] (fit --fold-in); `new_outputs()`: the sum of the photos' outputs of each class with index -1."""
         raise NotImplementedError
 
     def known(self, embedded: Embedded, validation_too: bool = True) -> Known | None:
@@ -144,6 +148,9 @@ class Softmax(Method):
 
         return MaskedCrossEntropy()
 
+    def carry_over_classes(self, network, trained, index, new_outputs):
+        carry_over_classifier(network, trained, index)  # a new id's fresh row: the classifier has no photo to start it from
+
     def id_scores(self, outputs, catalogue):
         return softmax_scores(outputs)
 
@@ -171,6 +178,9 @@ class ArcFace(Method):
         from whalefast.nets.losses import ArcFaceCriterion  # training only
 
         return ArcFaceCriterion(head)
+
+    def carry_over_classes(self, network, trained, index, new_outputs):
+        carry_over_centres(network[1], trained[1], index, new_outputs() if bool((index < 0).any()) else None)
 
     def id_scores(self, outputs, catalogue):
         return catalogue.scores(outputs)
