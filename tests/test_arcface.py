@@ -203,6 +203,19 @@ def test_a_classifiers_rows_follow_their_ids_and_a_new_id_keeps_its_fresh_row():
     assert torch.equal(network[2].weight[1], fresh[1])
 
 
+def interrupted_after(after_epoch, epochs: int):
+    """Checkpoints.after_epoch that stops the fit with Ctrl-C once `epochs` epochs (of all its runs) are saved."""
+    calls = []
+
+    def interrupt(self):
+        after_epoch(self)
+        calls.append(1)
+        if len(calls) == epochs:
+            raise KeyboardInterrupt
+
+    return interrupt
+
+
 @pytest.mark.slow
 def test_fold_in_goes_on_from_the_validation_runs_network_and_resumes_where_it_stopped(tiny_data, tmp_path, tiny_config, monkeypatch):
     from whalefast.learn.callbacks import Checkpoints
@@ -220,26 +233,19 @@ def test_fold_in_goes_on_from_the_validation_runs_network_and_resumes_where_it_s
     assert folded.train_loss.iloc[0] < first.train_loss.iloc[0]  # it starts from the trained network, not from ImageNet
     assert final.weights_digest != validation.weights_digest
 
-    original, calls = Checkpoints.after_epoch, []
-
-    def interrupt_in_the_fold_in(self):
-        original(self)
-        calls.append(1)
-        if len(calls) == 3:  # the first run's 2 epochs are done and calibrated; the fold-in's first epoch is saved
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Checkpoints, "after_epoch", interrupt_in_the_fold_in)
-    again = replace(cfg, name="again")
-    with pytest.raises(KeyboardInterrupt):
-        fit(again)
-    monkeypatch.setattr(Checkpoints, "after_epoch", original)
-    assert Run.open(tmp_path / "models" / "again" / "validation").calibration["threshold"] == result["threshold"]
-    resumed = fit(again, resume=True)
-    assert resumed["threshold"] == pytest.approx(result["threshold"], abs=1e-6)
-    history = pd.read_csv(tmp_path / "models" / "again" / "history.csv")
-    # the same weights as the uninterrupted run (train_loss is fastai's running mean, which starts again on resume)
-    assert history.epoch.tolist() == [0, 1] and history.valid_loss.tolist() == pytest.approx(folded.valid_loss.tolist(), rel=1e-5)
-    assert resumed["refit_valid_loss"] == pytest.approx(result["refit_valid_loss"], rel=1e-5)
+    original = Checkpoints.after_epoch
+    for name, stop_at in (("in-the-fold-in", 3), ("in-the-first-run", 1)):  # after the fold-in's first epoch; after the first run's
+        monkeypatch.setattr(Checkpoints, "after_epoch", interrupted_after(original, stop_at))
+        again = replace(cfg, name=name)
+        with pytest.raises(KeyboardInterrupt):
+            fit(again)
+        monkeypatch.setattr(Checkpoints, "after_epoch", original)
+        resumed = fit(again, resume=True)
+        assert resumed["threshold"] == pytest.approx(result["threshold"], abs=1e-6)
+        history = pd.read_csv(tmp_path / "models" / name / "history.csv")
+        # the same weights as the uninterrupted run (train_loss is fastai's running mean, which starts again on resume)
+        assert history.epoch.tolist() == [0, 1] and history.valid_loss.tolist() == pytest.approx(folded.valid_loss.tolist(), rel=1e-5)
+        assert resumed["refit_valid_loss"] == pytest.approx(result["refit_valid_loss"], rel=1e-5)
     for wrong, message in (
         (dict(refit=True), "choose one"),
         (dict(members=2), r"--fold-in 2 trains one network twice; it does not combine with --members \(add --fold-in 0"),
