@@ -148,8 +148,7 @@ def fit(cfg: FitConfig, resume: bool = False, distributed: bool = False, typed: 
         return fit_ensemble(cfg, spec, resume)
     if cfg.refits:
         if distributed:
-            flag, fix = ("--refit", "drop --refit") if cfg.refit else (f"--fold-in {cfg.fold_in}", "add --fold-in 0")
-            raise WhalefastError(f"{flag} trains its two runs in one process; it does not run with --distributed ({fix})")
+            raise WhalefastError(cfg.refit_refusal("trains its two runs in one process; it does not run with --distributed"))
         return fit_refit(cfg, spec, resume)
     if distributed:
         init_distributed()

@@ -78,6 +78,11 @@ class FitConfig:
         """Whether the model is trained again on every labelled photo once a run on the training photos has calibrated it (--refit or --fold-in)."""
         return self.refit or self.fold_in > 0
 
+    def refit_refusal(self, why: str) -> str:
+        """One line refusing this run's --refit or --fold-in N because of `why`, with how to do without it."""
+        flag, fix = ("--refit", "drop --refit") if self.refit else (f"--fold-in {self.fold_in}", "add --fold-in 0")
+        return f"{flag} {why} ({fix})"
+
     @property
     def run_dir(self) -> Path:
         return Path(self.models_dir) / self.name
@@ -233,10 +238,11 @@ def check_config(cfg: FitConfig) -> None:
     if any(m < 1 for m in cfg.milestones):
         raise WhalefastError(f"--milestones must be epoch numbers of at least 1, got {','.join(map(str, cfg.milestones))}")
     if cfg.refits and cfg.members > 1:
-        flag, fix = ("--refit", "drop --refit") if cfg.refit else (f"--fold-in {cfg.fold_in}", "add --fold-in 0")
-        raise WhalefastError(f"{flag} trains one network twice; it does not combine with --members ({fix})")
+        raise WhalefastError(cfg.refit_refusal("trains one network twice; it does not combine with --members"))
     if cfg.refit and cfg.fold_in:
-        raise WhalefastError("--refit trains a new network on every photo and --fold-in goes on training the first one: choose one")
+        raise WhalefastError(
+            f"--refit trains a new network on every photo and --fold-in {cfg.fold_in} goes on training the first one: choose one (--refit --fold-in 0)"
+        )
     if cfg.fold_in < 0:
         raise WhalefastError(f"--fold-in must be 0 (none) or more epochs, got {cfg.fold_in}")
     for option in ("freeze_epochs", "frozen_stages"):

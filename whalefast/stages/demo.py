@@ -32,7 +32,7 @@ def run_demo(data: str | os.PathLike = "data/demo", models_dir: str | os.PathLik
     prepare(data, cfg=PrepareConfig(boxes=box_name, models_dir=str(models_dir), min_samples=1))
     name = f"demo-{method}"
     cfg = FitConfig.from_options(
-        # fold_in 0: the recipe's 3 epochs on every photo would add half the demo's 6 to show what the real flukes measure
+        # fold_in 0: the recipe's 3 epochs on every photo would make the demo's 6 epochs half as long again, for a gain measured on real flukes
         {"data": data, "recipe": "flukes", "method": method, "epochs": epochs, "size": DEMO_SIZE, "name": name, "models_dir": models_dir, "fold_in": 0}
     )
     console.rule(f"fit: the flukes recipe ({method}, {cfg.arch} at {DEMO_SIZE[0]}x{DEMO_SIZE[1]}px, {epochs} epochs)")
