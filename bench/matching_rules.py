@@ -10,7 +10,9 @@ scored against test_answers.csv:
 - centre A: each id's score blended, A * nearest photo + (1 - A) * its ArcFace class centres;
 - pseudo T: photos whose first answer scores at least T join the catalogue under it (transductive;
   precision of those labels on validation and on test);
-and their combinations.
+and their combinations. With --mirror, every rule also runs on each photo's mirror image beside it
+(photo against photo and mirror against mirror, the two cosines averaged): a mirrored fluke is
+another pattern, but the same for query and catalogue.
 
     python bench/matching_rules.py --run WORK/models/arcface-predicted --data WORK/data    # WORK: what bench/real_flukes.py left
 """
@@ -19,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -72,6 +76,7 @@ def main() -> None:
     parser.add_argument("--blends", default="1,0.8,0.6,0.5")
     parser.add_argument("--pseudo", default="0.6,0.7,0.8")
     parser.add_argument("--json", type=Path, help="append the rows to this JSON-lines file")
+    parser.add_argument("--mirror", action="store_true", help="also each rule with the photos' mirror images as a second view")
     args = parser.parse_args()
     matcher = Matcher(args.run)
     run, spec = matcher.run, matcher.spec
@@ -81,9 +86,10 @@ def main() -> None:
     vocab = list(run.learnt.vocab)
     code = {v: i for i, v in enumerate(vocab)}
 
-    def embed(folder: str, names: list[str]) -> torch.Tensor:
+    def embed(folder: str, names: list[str], mirrored: bool = False) -> torch.Tensor:
         images = image_cache(args.data, prepared, folder, names, spec)
-        return matcher.method.embed(matcher.network, [images[n] for n in names], spec, bs=64).cpu().float()
+        arrays = [np.ascontiguousarray(images[n][:, ::-1]) if mirrored else images[n] for n in names]
+        return matcher.method.embed(matcher.network, arrays, spec, bs=64).cpu().float()
 
     test_names = test_images(args.data)
     cache = args.run / "matching_rules_outputs.pt"  # the outputs of these weights, kept for the next call
@@ -93,7 +99,16 @@ def main() -> None:
         raw_labelled, raw_test = embed("train", split.Image.tolist()), embed("test", test_names)
         torch.save({"digest": run.weights_digest, "labelled": raw_labelled, "test": raw_test}, cache)
     project = matcher.projection or (lambda x: F.normalize(x, dim=1))
-    labelled, test = project(raw_labelled), project(raw_test)
+    plain_labelled, plain_test = project(raw_labelled), project(raw_test)
+    mirror_cache = args.run / "matching_rules_mirrored.pt"
+    if args.mirror:
+        if mirror_cache.is_file() and (saved := torch.load(mirror_cache))["digest"] == run.weights_digest:
+            flip_labelled, flip_test = saved["labelled"], saved["test"]
+        else:
+            flip_labelled, flip_test = embed("train", split.Image.tolist(), True), embed("test", test_names, True)
+            torch.save({"digest": run.weights_digest, "labelled": flip_labelled, "test": flip_test}, mirror_cache)
+        both = (torch.cat([plain_labelled, project(flip_labelled)], 1) / math.sqrt(2), torch.cat([plain_test, project(flip_test)], 1) / math.sqrt(2))
+    embeddings_of = {False: (plain_labelled, plain_test), True: both if args.mirror else None}
     centres = class_centres(run)
     centre_labelled, centre_test = centre_scores(raw_labelled, centres, views, len(vocab)), centre_scores(raw_test, centres, views, len(vocab))
 
@@ -131,13 +146,22 @@ def main() -> None:
         chosen = (best >= max(tau, threshold)).nonzero().flatten()
         return chosen, best_id[chosen]
 
-    def evaluate(blend: float, sightings: bool, tau: float | None) -> dict:
+    def evaluate(blend: float, sightings: bool, tau: float | None, mirror: bool = False) -> dict:
+        labelled, test = embeddings_of[mirror]
         labels_train = torch.tensor([code[i] for i in split.Id[train_cat.numpy()]])
         vq, vcentre = labelled[is_valid], centre_labelled[is_valid]
         v_scores = id_scores(vq, vcentre, labelled[train_cat], labels_train, len(vocab), blend)
         v_sight = sightings_of(vq, labelled[~is_valid & is_new]) if sightings else None
         threshold, valid_map = calibrate(v_scores, v_sight, valid_targets)
-        row = {"run": run.name, "blend": blend, "sightings": sightings, "pseudo": tau, "threshold": round(threshold, 4), "valid_map5": round(valid_map, 4)}
+        row = {
+            "run": run.name,
+            "mirror": mirror,
+            "blend": blend,
+            "sightings": sightings,
+            "pseudo": tau,
+            "threshold": round(threshold, 4),
+            "valid_map5": round(valid_map, 4),
+        }
         if tau is not None:  # validation photos as each other's extra catalogue: precision of the labels they would get
             chosen, chosen_ids = pseudo_rows(vq, v_scores, threshold, tau)
             truth_v = valid_targets[chosen]
@@ -179,14 +203,15 @@ def main() -> None:
         return row
 
     rows = []
-    for blend in map(float, args.blends.split(",")):
-        for sightings in (False, True):
-            rows.append(evaluate(blend, sightings, None))
-            print(json.dumps(rows[-1]), flush=True)
-    for tau in map(float, args.pseudo.split(",")):
-        for blend in (1.0, min(map(float, args.blends.split(",")))):
-            rows.append(evaluate(blend, True, tau))
-            print(json.dumps(rows[-1]), flush=True)
+    for mirror in (False, True) if args.mirror else (False,):
+        for blend in map(float, args.blends.split(",")):
+            for sightings in (False, True):
+                rows.append(evaluate(blend, sightings, None, mirror))
+                print(json.dumps(rows[-1]), flush=True)
+        for tau in map(float, args.pseudo.split(",")) if args.pseudo else ():
+            for blend in (1.0, min(map(float, args.blends.split(",")))):
+                rows.append(evaluate(blend, True, tau, mirror))
+                print(json.dumps(rows[-1]), flush=True)
     if args.json:
         with open(args.json, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

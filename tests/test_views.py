@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from whalefast.core.errors import WhalefastError
-from whalefast.core.images import as_scales
+from whalefast.core.images import as_scales, scaled_size
 from whalefast.data.prepared import image_cache
 from whalefast.learn.trainer import fit
 from whalefast.nets.forward import embed
-from whalefast.nets.views import Views, average_probabilities, concatenate_unit, scaled_size
+from whalefast.nets.views import Views, average_probabilities, concatenate_unit
 from whalefast.runs.folder import Run
 
 
@@ -76,7 +76,7 @@ def test_one_scale_is_the_network_itself_and_the_mirror_is_averaged_in():
     assert torch.allclose(Views(net, mirror=True)(x), (net(x) + net(x.flip(3))) / 2)
     wrapped = Views(net, (0.75, 1.0), combine=concatenate_unit)
     assert list(wrapped.state_dict()) == ["model." + k for k in net.state_dict()]  # no weights of its own
-    with pytest.raises(ValueError, match="several scales need a rule"):
+    with pytest.raises(ValueError, match="several views need a rule"):
         Views(net, (0.75, 1.0))
 
 
@@ -134,3 +134,38 @@ def test_a_resume_refuses_other_scales_and_says_them_as_typed(tmp_path, tiny_con
     check_resume(saved, {"tta_scales": (6 / 7, 1.0, 8 / 7), "size": (112, 224)})
     with pytest.raises(WhalefastError, match=r"--tta-scales 1 \(the run has 0\.8571,1,1\.143\); --size 128x256 \(the run has 112x224\)"):
         check_resume(saved, {"tta_scales": (1.0,), "size": (128, 256)})
+
+
+def test_the_mirror_view_scores_the_mean_of_photo_and_mirror_cosines_at_each_scale():
+    torch.manual_seed(0)
+    net = tiny_net()
+    a, b = torch.randn(3, 3, 32, 64), torch.randn(5, 3, 32, 64)
+    model = Views(net, (0.75, 1.0), combine=concatenate_unit, mirror_view=True)
+    ea, eb = model(a), model(b)
+    assert ea.shape == (3, 16)
+    sizes = [(24, 48), (32, 64)]
+    cosines = [F.normalize(net(resized(x, s)), dim=1) @ F.normalize(net(resized(y, s)), dim=1).T for x, y in ((a, b), (a.flip(3), b.flip(3))) for s in sizes]
+    assert torch.allclose(ea @ eb.T, sum(cosines) / 4, atol=1e-5)
+    plain = Views(net, (0.75, 1.0), combine=concatenate_unit)
+    assert (ea @ eb.T - plain(a) @ plain(b).T).abs().max() > 0.01  # the mirror images are views of their own
+    with pytest.raises(ValueError, match="several views need a rule"):
+        Views(net, mirror_view=True)
+
+
+@pytest.mark.slow
+def test_a_run_with_the_mirror_view_catalogues_photo_and_mirror_and_refuses_softmax(tiny_data, tmp_path, tiny_config, baseline_map5):
+    cfg = tiny_config(
+        tiny_data, tmp_path, name="mirrored", method="arcface", augment="fluke", embed_dim=16, scale=16.0, map_every=6, mirror_view=True, fold_in=1
+    )
+    result = fit(cfg)
+    assert result["valid_map5"] > baseline_map5(tiny_data) + 0.05
+    run = Run.open(tmp_path / "mirrored")
+    assert run.spec.mirror_view and json.loads((tmp_path / "mirrored" / "input.json").read_text())["mirror_view"] is True
+    catalogue = run.catalogue()
+    assert catalogue.embeddings.shape[1] == 32  # 16 for the photo, 16 for its mirror image
+    names = [p.split("/")[-1] for p in catalogue.photos[:4]]
+    images = image_cache(tiny_data, tiny_data / "prepared", "train", names, run.spec)
+    plain = embed(run.network(), [images[n] for n in names], replace(run.spec, mirror_view=False), concatenate_unit)
+    assert torch.allclose(catalogue.embeddings[:4, :16].float(), F.normalize(plain, dim=1) / 2**0.5, atol=2e-3)
+    with pytest.raises(WhalefastError, match="--mirror-view compares mirror images"):
+        fit(tiny_config(tiny_data, tmp_path, name="soft", method="softmax", augment="fluke", mirror_view=True))

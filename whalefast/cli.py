@@ -224,6 +224,8 @@ TTA_HELP = (
     "e.g. 6/7,1,8/7 (sizes round to 8 pixels)."
 )
 TtaScalesOpt = Annotated[str, typer.Option(help=TTA_HELP, rich_help_panel=MODEL)]
+MIRROR_VIEW_HELP = "Test-time mirror view: each photo's mirror image is one more view, compared with the catalogue's mirror images (arcface, --augment fluke)."
+MirrorViewOpt = Annotated[bool, typer.Option(help=MIRROR_VIEW_HELP, rich_help_panel=MODEL)]
 CATALOGUE_DIMS_HELP = "Store embeddings in the catalogue projected to this many dimensions, fitted on the training photos (arcface; 0: as they are)."
 CatalogueDimsOpt = Annotated[int, typer.Option(help=CATALOGUE_DIMS_HELP, rich_help_panel=MODEL)]
 REFIT_HELP = (
@@ -276,6 +278,7 @@ def training_options(
     map_every: MapEveryOpt = 1,
     members: MembersOpt = 1,
     tta_scales: TtaScalesOpt = "1",
+    mirror_view: MirrorViewOpt = False,
     catalogue_dims: CatalogueDimsOpt = 0,
     refit: RefitOpt = False,
     fold_in: FoldInOpt = 0,

@@ -80,6 +80,11 @@ def as_scales(value, option: str = "--tta-scales") -> tuple[float, ...]:
     return scales
 
 
+def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    """(height, width) times `scale`, each rounded to a multiple of 8 pixels (at least 8)."""
+    return tuple(max(8, round(side * scale / 8) * 8) for side in size)
+
+
 def size_text(size) -> str:
     """(128, 256) -> '128x256'; (224, 224) -> '224'."""
     h, w = as_size(size)

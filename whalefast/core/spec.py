@@ -24,7 +24,9 @@ class InputSpec:
     whole), or "box-model" (boxes predicted by `box_model`, for new photos too). Each box is widened by
     `margin` of its size on every side. `mirror`: inference averages each photo with its mirror image
     (only for networks trained on mirrored photos). `scales`: inference also sees the photo resized by
-    each factor, the views combined as ensemble members are.
+    each factor, the views combined as ensemble members are. `mirror_view`: the mirror image is one
+    more view of its own, combined as the scales are (for never-mirrored networks: a photo's mirror
+    image is compared with the catalogue's mirror images, never with a photo).
     """
 
     size: Size
@@ -36,6 +38,7 @@ class InputSpec:
     std: tuple[float, float, float] = IMAGENET_STD
     mirror: bool = False
     scales: tuple[float, ...] = (1.0,)
+    mirror_view: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "size", as_size(self.size))

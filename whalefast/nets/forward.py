@@ -46,7 +46,7 @@ def embed(network: nn.Module, arrays, spec: InputSpec, combine: Combine, bs: int
     was_training = network.training
     network.eval()
     try:
-        return forward_photos(Views(network, spec.scales, spec.mirror, combine), arrays, spec.mean, spec.std, bs, device, progress)
+        return forward_photos(Views(network, spec.scales, spec.mirror, combine, spec.mirror_view), arrays, spec.mean, spec.std, bs, device, progress)
     finally:
         network.train(was_training)
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from whalefast.core.errors import WhalefastError
-from whalefast.nets.views import scaled_size
+from whalefast.core.images import scaled_size
 
 RUNTIMES = {
     "auto": "ONNX Runtime on a CPU, eager PyTorch on a GPU",

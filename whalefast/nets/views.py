@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from whalefast.core.images import scaled_size
+
 Combine = Callable[[list[torch.Tensor]], torch.Tensor]
 
 
@@ -39,28 +41,25 @@ class Ensemble(nn.Module):
         return self.combine([m(x).float() for m in self.members])
 
 
-def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
-    """(height, width) times `scale`, each rounded to a multiple of 8 pixels (at least 8)."""
-    return tuple(max(8, round(side * scale / 8) * 8) for side in size)
-
-
 class Views(nn.Module):
-    """A trained network shown each photo resized by each of `scales` (outputs combined by `combine`), and with `mirror` its mirror image too (averaged in).
+    """A trained network shown each photo resized by each of `scales` (outputs combined by `combine`); with `mirror` its mirror image too (averaged in), with `mirror_view` its mirror image as a view of its own (combined).
 
     It holds no weights of its own, so checkpoints do not change. On the real flukes one network's
     retrieval rose from 0.433 to 0.473 with scales 6/7, 1 and 8/7 (bench/RESULTS.md).
     """
 
-    def __init__(self, model: nn.Module, scales: tuple[float, ...] = (1.0,), mirror: bool = False, combine: Combine | None = None):
+    def __init__(self, model: nn.Module, scales: tuple[float, ...] = (1.0,), mirror: bool = False, combine: Combine | None = None, mirror_view: bool = False):
         super().__init__()
-        self.model, self.scales, self.mirror, self.combine = model, tuple(scales), mirror, combine
-        if self.scales != (1.0,) and combine is None:
-            raise ValueError("several scales need a rule to combine their outputs")
+        self.model, self.scales, self.mirror, self.combine, self.mirror_view = model, tuple(scales), mirror, combine, mirror_view
+        if (self.scales != (1.0,) or mirror_view) and combine is None:
+            raise ValueError("several views need a rule to combine their outputs")
 
     def forward(self, x):
         out = self._at_scales(x)
         if self.mirror:
             out = (out + self._at_scales(x.flip(3))) / 2
+        if self.mirror_view:
+            out = self.combine([out, self._at_scales(x.flip(3))])
         return out
 
     def _at_scales(self, x):

@@ -64,6 +64,7 @@ class FitConfig:
     map_every: int = 1  # validation MAP@5 every N epochs and at the last
     members: int = 1  # an ensemble of this many networks, seeds seed, seed + 1, ...
     tta_scales: tuple[float, ...] = (1.0,)  # inference sees each photo resized by each factor, the views combined
+    mirror_view: bool = False  # arcface: inference also sees each photo's mirror image as a view of its own
     catalogue_dims: int = 0  # arcface: store embeddings in the catalogue projected to this many dimensions (0: as they are)
     refit: bool = False  # after a run on the training photos has calibrated the threshold, train again on every labelled photo
     fold_in: int = 0  # after a run on the training photos has calibrated the threshold, train its network this many epochs more on every labelled photo
@@ -173,7 +174,9 @@ def resolve_input_spec(cfg: FitConfig) -> InputSpec:
     """
     box_model = prepare_settings(cfg.prepared_dir).get("box_model")
     crop = "box-model" if box_model else "boxes" if (cfg.prepared_dir / BOXES).is_file() else "none"
-    return InputSpec(size=cfg.size, grey=cfg.grey, crop=crop, box_model=box_model, mirror=cfg.augment != "fluke", scales=cfg.tta_scales)
+    return InputSpec(
+        size=cfg.size, grey=cfg.grey, crop=crop, box_model=box_model, mirror=cfg.augment != "fluke", scales=cfg.tta_scales, mirror_view=cfg.mirror_view
+    )
 
 
 def legacy_input_spec(raw: dict) -> InputSpec:
@@ -245,6 +248,10 @@ def check_config(cfg: FitConfig) -> None:
         )
     if cfg.fold_in < 0:
         raise WhalefastError(f"--fold-in must be 0 (none) or more epochs, got {cfg.fold_in}")
+    if cfg.mirror_view and (cfg.method != "arcface" or cfg.augment != "fluke"):
+        raise WhalefastError(
+            "--mirror-view compares mirror images with mirror images: it needs --method arcface and --augment fluke (a network trained on mirrored photos averages them in already)"
+        )
     for option in ("freeze_epochs", "frozen_stages"):
         if getattr(cfg, option) and not cfg.pretrained:
             flag = f"--{option.replace('_', '-')}"
