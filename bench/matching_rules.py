@@ -80,6 +80,8 @@ def main() -> None:
     args = parser.parse_args()
     matcher = Matcher(args.run)
     run, spec = matcher.run, matcher.spec
+    if spec.mirror_view:
+        parser.error(f"{args.run} was fitted with --mirror-view: these rules score a run without it (--mirror adds the view here)")
     views = len(spec.scales)
     prepared = args.data / "prepared"
     split = load_split(prepared)
@@ -92,23 +94,22 @@ def main() -> None:
         return matcher.method.embed(matcher.network, arrays, spec, bs=64).cpu().float()
 
     test_names = test_images(args.data)
-    cache = args.run / "matching_rules_outputs.pt"  # the outputs of these weights, kept for the next call
-    if cache.is_file() and (saved := torch.load(cache))["digest"] == run.weights_digest:
-        raw_labelled, raw_test = saved["labelled"], saved["test"]
-    else:
-        raw_labelled, raw_test = embed("train", split.Image.tolist()), embed("test", test_names)
-        torch.save({"digest": run.weights_digest, "labelled": raw_labelled, "test": raw_test}, cache)
+
+    def outputs(mirrored: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The labelled and test photos' outputs of these weights (or their mirror images'), kept for the next call."""
+        cache = args.run / ("matching_rules_mirrored.pt" if mirrored else "matching_rules_outputs.pt")
+        if cache.is_file() and (saved := torch.load(cache))["digest"] == run.weights_digest:
+            return saved["labelled"], saved["test"]
+        labelled, test = embed("train", split.Image.tolist(), mirrored), embed("test", test_names, mirrored)
+        torch.save({"digest": run.weights_digest, "labelled": labelled, "test": test}, cache)
+        return labelled, test
+
+    raw_labelled, raw_test = outputs(mirrored=False)
     project = matcher.projection or (lambda x: F.normalize(x, dim=1))
-    plain_labelled, plain_test = project(raw_labelled), project(raw_test)
-    mirror_cache = args.run / "matching_rules_mirrored.pt"
-    if args.mirror:
-        if mirror_cache.is_file() and (saved := torch.load(mirror_cache))["digest"] == run.weights_digest:
-            flip_labelled, flip_test = saved["labelled"], saved["test"]
-        else:
-            flip_labelled, flip_test = embed("train", split.Image.tolist(), True), embed("test", test_names, True)
-            torch.save({"digest": run.weights_digest, "labelled": flip_labelled, "test": flip_test}, mirror_cache)
-        both = (torch.cat([plain_labelled, project(flip_labelled)], 1) / math.sqrt(2), torch.cat([plain_test, project(flip_test)], 1) / math.sqrt(2))
-    embeddings_of = {False: (plain_labelled, plain_test), True: both if args.mirror else None}
+    embeddings_of = {False: (project(raw_labelled), project(raw_test))}
+    if args.mirror:  # photo beside mirror, each unit length: the dot product is the mean of the two cosines
+        flipped = outputs(mirrored=True)
+        embeddings_of[True] = tuple(torch.cat([plain, project(flip)], 1) / math.sqrt(2) for plain, flip in zip(embeddings_of[False], flipped))
     centres = class_centres(run)
     centre_labelled, centre_test = centre_scores(raw_labelled, centres, views, len(vocab)), centre_scores(raw_test, centres, views, len(vocab))
 
