@@ -12,7 +12,8 @@ scored against test_answers.csv:
   precision of those labels on validation and on test);
 and their combinations. With --mirror, every rule also runs on each photo's mirror image beside it
 (photo against photo and mirror against mirror, the two cosines averaged): a mirrored fluke is
-another pattern, but the same for query and catalogue.
+another pattern, but the same for query and catalogue. --flips mirror,upside,turned adds such views
+one at a time (mirrored; upside down; both, a half turn), each set of views scored with every rule.
 
     python bench/matching_rules.py --run WORK/models/arcface-predicted --data WORK/data    # WORK: what bench/real_flukes.py left
 """
@@ -37,6 +38,9 @@ from whalefast.data.prepared import image_cache, load_split
 from whalefast.match.matcher import Matcher
 from whalefast.runs.folder import Run
 from whalefast.stages.submit import apply_matches, hash_matches
+
+# Flipped views of a photo (height, width[, channels]): each is compared with the catalogue's photos flipped the same way.
+FLIPS = {"mirror": lambda a: a[:, ::-1], "upside": lambda a: a[::-1], "turned": lambda a: a[::-1, ::-1]}
 
 
 def class_centres(run: Run) -> list[torch.Tensor]:
@@ -76,8 +80,12 @@ def main() -> None:
     parser.add_argument("--blends", default="1,0.8,0.6,0.5")
     parser.add_argument("--pseudo", default="0.6,0.7,0.8")
     parser.add_argument("--json", type=Path, help="append the rows to this JSON-lines file")
-    parser.add_argument("--mirror", action="store_true", help="also each rule with the photos' mirror images as a second view")
+    parser.add_argument("--mirror", action="store_true", help="also each rule with the photos' mirror images as a second view (--flips mirror)")
+    parser.add_argument("--flips", default="", help=f"flipped views added one at a time, from {', '.join(FLIPS)}")
     args = parser.parse_args()
+    flips = [f for f in args.flips.split(",") if f] or (["mirror"] if args.mirror else [])
+    if unknown := set(flips) - set(FLIPS):
+        parser.error(f"--flips: unknown {', '.join(sorted(unknown))}; choose from {', '.join(FLIPS)}")
     matcher = Matcher(args.run)
     run, spec = matcher.run, matcher.spec
     if spec.mirror_view:
@@ -88,28 +96,28 @@ def main() -> None:
     vocab = list(run.learnt.vocab)
     code = {v: i for i, v in enumerate(vocab)}
 
-    def embed(folder: str, names: list[str], mirrored: bool = False) -> torch.Tensor:
+    def embed(folder: str, names: list[str], flip: str | None) -> torch.Tensor:
         images = image_cache(args.data, prepared, folder, names, spec)
-        arrays = [np.ascontiguousarray(images[n][:, ::-1]) if mirrored else images[n] for n in names]
+        arrays = [np.ascontiguousarray(FLIPS[flip](images[n])) if flip else images[n] for n in names]
         return matcher.method.embed(matcher.network, arrays, spec, bs=64).cpu().float()
 
     test_names = test_images(args.data)
 
-    def outputs(mirrored: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """The labelled and test photos' outputs of these weights (or their mirror images'), kept for the next call."""
-        cache = args.run / ("matching_rules_mirrored.pt" if mirrored else "matching_rules_outputs.pt")
+    def outputs(flip: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The labelled and test photos' outputs of these weights (or of their flipped images), kept for the next call."""
+        cache = args.run / ({None: "matching_rules_outputs.pt", "mirror": "matching_rules_mirrored.pt"}.get(flip) or f"matching_rules_{flip}.pt")
         if cache.is_file() and (saved := torch.load(cache))["digest"] == run.weights_digest:
             return saved["labelled"], saved["test"]
-        labelled, test = embed("train", split.Image.tolist(), mirrored), embed("test", test_names, mirrored)
+        labelled, test = embed("train", split.Image.tolist(), flip), embed("test", test_names, flip)
         torch.save({"digest": run.weights_digest, "labelled": labelled, "test": test}, cache)
         return labelled, test
 
-    raw_labelled, raw_test = outputs(mirrored=False)
+    raw_labelled, raw_test = outputs(None)
     project = matcher.projection or (lambda x: F.normalize(x, dim=1))
-    embeddings_of = {False: (project(raw_labelled), project(raw_test))}
-    if args.mirror:  # photo beside mirror, each unit length: the dot product is the mean of the two cosines
-        flipped = outputs(mirrored=True)
-        embeddings_of[True] = tuple(torch.cat([plain, project(flip)], 1) / math.sqrt(2) for plain, flip in zip(embeddings_of[False], flipped))
+    projected = {None: (project(raw_labelled), project(raw_test))} | {f: tuple(map(project, outputs(f))) for f in flips}
+    view_sets = [tuple(flips[:k]) for k in range(len(flips) + 1)]
+    # Each view unit length side by side, scaled by 1/sqrt(views): the dot product is the mean of the views' cosines.
+    embeddings_of = {views: tuple(torch.cat([projected[v][i] for v in (None, *views)], 1) / math.sqrt(1 + len(views)) for i in (0, 1)) for views in view_sets}
     centres = class_centres(run)
     centre_labelled, centre_test = centre_scores(raw_labelled, centres, views, len(vocab)), centre_scores(raw_test, centres, views, len(vocab))
 
@@ -147,8 +155,8 @@ def main() -> None:
         chosen = (best >= max(tau, threshold)).nonzero().flatten()
         return chosen, best_id[chosen]
 
-    def evaluate(blend: float, sightings: bool, tau: float | None, mirror: bool = False) -> dict:
-        labelled, test = embeddings_of[mirror]
+    def evaluate(blend: float, sightings: bool, tau: float | None, views: tuple[str, ...] = ()) -> dict:
+        labelled, test = embeddings_of[views]
         labels_train = torch.tensor([code[i] for i in split.Id[train_cat.numpy()]])
         vq, vcentre = labelled[is_valid], centre_labelled[is_valid]
         v_scores = id_scores(vq, vcentre, labelled[train_cat], labels_train, len(vocab), blend)
@@ -156,7 +164,7 @@ def main() -> None:
         threshold, valid_map = calibrate(v_scores, v_sight, valid_targets)
         row = {
             "run": run.name,
-            "mirror": mirror,
+            "views": "+".join(("photo", *views)),
             "blend": blend,
             "sightings": sightings,
             "pseudo": tau,
@@ -204,14 +212,14 @@ def main() -> None:
         return row
 
     rows = []
-    for mirror in (False, True) if args.mirror else (False,):
+    for views in view_sets:
         for blend in map(float, args.blends.split(",")):
             for sightings in (False, True):
-                rows.append(evaluate(blend, sightings, None, mirror))
+                rows.append(evaluate(blend, sightings, None, views))
                 print(json.dumps(rows[-1]), flush=True)
         for tau in map(float, args.pseudo.split(",")) if args.pseudo else ():
             for blend in (1.0, min(map(float, args.blends.split(",")))):
-                rows.append(evaluate(blend, True, tau, mirror))
+                rows.append(evaluate(blend, True, tau, views))
                 print(json.dumps(rows[-1]), flush=True)
     if args.json:
         with open(args.json, "a") as f:
