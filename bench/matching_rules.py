@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from whalefast import NEW_WHALE
-from whalefast.core.files import load_saved
+from whalefast.core.files import atomic_path, load_saved
 from whalefast.core.labels import read_labels
 from whalefast.core.ranking import NEW_WHALE_TARGET, cosine_id_scores, map5, map5_labels, rank_with_new_whale
 from whalefast.data.layout import test_images
@@ -105,11 +105,12 @@ def main() -> None:
 
     def outputs(flip: str | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The labelled and test photos' outputs of these weights (or of their flipped images), kept for the next call."""
-        cache = args.run / ({None: "matching_rules_outputs.pt", "mirror": "matching_rules_mirrored.pt"}.get(flip) or f"matching_rules_{flip}.pt")
+        cache = args.run / f"matching_rules_{flip or 'outputs'}.pt"
         if cache.is_file() and (saved := torch.load(cache))["digest"] == run.weights_digest:
             return saved["labelled"], saved["test"]
         labelled, test = embed("train", split.Image.tolist(), flip), embed("test", test_names, flip)
-        torch.save({"digest": run.weights_digest, "labelled": labelled, "test": test}, cache)
+        with atomic_path(cache) as tmp:
+            torch.save({"digest": run.weights_digest, "labelled": labelled, "test": test}, tmp)
         return labelled, test
 
     raw_labelled, raw_test = outputs(None)
