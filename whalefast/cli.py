@@ -187,6 +187,8 @@ MilestonesOpt = Annotated[str, typer.Option(help="Epochs after which lr is multi
 GammaOpt = Annotated[float, typer.Option(help="lr factor at each milestone.", rich_help_panel=TRAIN)]
 OptOpt = Annotated[str, typer.Option(help="sgd (the reference: momentum 0.9, L2 1e-4) or adam (fastai's default).", rich_help_panel=TRAIN)]
 ScheduleOpt = Annotated[str, typer.Option(help="step (the reference) or one-cycle (fastai).", rich_help_panel=TRAIN)]
+WD_HELP = "Weight decay: added to the gradient for sgd (the reference's 1e-4), decoupled for adam (the flukes recipe's 0.1)."
+WdOpt = Annotated[float, typer.Option(help=WD_HELP, rich_help_panel=TRAIN)]
 FreezeOpt = Annotated[int, typer.Option(help="Epochs training only the head first (pretrained models).", rich_help_panel=TRAIN)]
 FrozenStagesOpt = Annotated[
     int, typer.Option(help="Keep the stem and this many backbone stages at their ImageNet weights (trains faster; 0: train all).", rich_help_panel=TRAIN)
@@ -254,6 +256,7 @@ def training_options(
     gamma: GammaOpt = 0.1,
     schedule: ScheduleOpt = "step",
     opt: OptOpt = "sgd",
+    wd: WdOpt = 1e-4,
     freeze_epochs: FreezeOpt = 0,
     frozen_stages: FrozenStagesOpt = 0,
     size: SizeOpt = "224",
