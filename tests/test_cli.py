@@ -52,7 +52,7 @@ def test_recipe_fills_what_was_not_typed(tmp_path, monkeypatch):
     assert (cfg.epochs, cfg.size) == (3, (64, 128))  # typed options win
     assert (cfg.method, cfg.arch, cfg.lr, cfg.grey, cfg.min_samples) == (flukes["method"], flukes["arch"], flukes["lr"], True, 1)
     assert cfg.name == "flukes" and cfg.recipe == "flukes"
-    assert cfg.wd == flukes["wd"] == 0.1  # the recipe's weight decay, not the option's default (the reference's 1e-4)
+    assert cfg.wd == flukes["wd"] == 1.0  # the recipe's weight decay, not the option's default (the reference's 1e-4)
     result = CliRunner().invoke(app, ["fit", "--data", str(tmp_path), "--recipe", "flukes", "--wd", "0.02"])
     assert result.exit_code == 0, result.output
     assert seen[1].wd == 0.02

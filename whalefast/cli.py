@@ -187,7 +187,7 @@ MilestonesOpt = Annotated[str, typer.Option(help="Epochs after which lr is multi
 GammaOpt = Annotated[float, typer.Option(help="lr factor at each milestone.", rich_help_panel=TRAIN)]
 OptOpt = Annotated[str, typer.Option(help="sgd (the reference: momentum 0.9, L2 1e-4) or adam (fastai's default).", rich_help_panel=TRAIN)]
 ScheduleOpt = Annotated[str, typer.Option(help="step (the reference) or one-cycle (fastai).", rich_help_panel=TRAIN)]
-WD_HELP = "Weight decay: added to the gradient for sgd (the reference's 1e-4), decoupled for adam (the flukes recipe's 0.1)."
+WD_HELP = "Weight decay: added to the gradient for sgd (the reference's 1e-4), decoupled for adam (the flukes recipe's 1.0)."
 WdOpt = Annotated[float, typer.Option(help=WD_HELP, rich_help_panel=TRAIN)]
 FreezeOpt = Annotated[int, typer.Option(help="Epochs training only the head first (pretrained models).", rich_help_panel=TRAIN)]
 FrozenStagesOpt = Annotated[
