@@ -58,6 +58,17 @@ def test_recipe_fills_what_was_not_typed(tmp_path, monkeypatch):
     assert seen[1].wd == 0.02
     result = CliRunner().invoke(app, ["fit", "--data", str(tmp_path), "--recipe", "nosuch"])
     assert result.exit_code == 1 and "unknown recipe 'nosuch'; choose one of: reference, flukes" in result.output
+    assert seen[0].mirror_view is flukes["mirror_view"] is True
+    result = CliRunner().invoke(app, ["fit", "--data", str(tmp_path), "--recipe", "flukes", "--method", "softmax", "--no-mirror-view"])
+    assert result.exit_code == 0, result.output
+    assert (seen[-1].method, seen[-1].mirror_view, seen[-1].wd) == ("softmax", False, 1.0)
+
+
+def test_a_recipe_setting_that_a_typed_option_rules_out_is_refused_with_its_fix(tmp_path):
+    # the real fit: it checks its settings before it reads any data
+    result = CliRunner().invoke(app, ["fit", "--data", str(tmp_path), "--recipe", "flukes", "--method", "softmax"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "--mirror-view" in result.output and "needs --method arcface" in result.output and result.output.rstrip().endswith("add --no-mirror-view")
 
 
 def test_lr_find_takes_the_same_options_as_fit():
@@ -142,3 +153,14 @@ def test_quiet_epoch_lines_when_not_a_terminal(tiny_data, tmp_path, fast_fit_arg
     epoch_lines = [line for line in result.stderr.splitlines() if line.startswith("epoch ")]
     assert len(epoch_lines) == 2 and "train_loss" in epoch_lines[0]
     assert "\r" not in result.output and len(result.output) < 4000
+
+
+@pytest.mark.parametrize("method", ["arcface", "softmax"])
+def test_the_demo_fits_the_flukes_recipe_with_either_method(tmp_path, method):
+    from whalefast.runs.config import check_config
+    from whalefast.stages.demo import DEMO_SIZE, demo_config
+
+    cfg = demo_config(tmp_path, tmp_path / "models", method, epochs=6)
+    check_config(cfg)  # softmax leaves out the recipe's mirror view, which compares embeddings
+    assert (cfg.method, cfg.size, cfg.epochs, cfg.fold_in, cfg.wd) == (method, DEMO_SIZE, 6, 0, 1.0)
+    assert cfg.mirror_view is (method == "arcface")

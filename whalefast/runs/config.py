@@ -250,7 +250,8 @@ def check_config(cfg: FitConfig) -> None:
         raise WhalefastError(f"--fold-in must be 0 (none) or more epochs, got {cfg.fold_in}")
     if cfg.mirror_view and (cfg.method != "arcface" or cfg.augment != "fluke"):
         raise WhalefastError(
-            "--mirror-view compares mirror images with mirror images: it needs --method arcface and --augment fluke (a network trained on mirrored photos averages them in already)"
+            "--mirror-view compares mirror images with mirror images: it needs --method arcface and --augment fluke"
+            " (a network trained on mirrored photos averages them in already); add --no-mirror-view"
         )
     for option in ("freeze_epochs", "frozen_stages"):
         if getattr(cfg, option) and not cfg.pretrained:

@@ -18,6 +18,13 @@ from whalefast.stages.submit import submit
 DEMO_SIZE = (64, 128)  # the flukes recipe, at a size that keeps the demo to minutes on a CPU
 
 
+def demo_config(data: Path, models_dir: Path, method: str, epochs: int) -> FitConfig:
+    """The flukes recipe as the demo fits it: DEMO_SIZE, `epochs`, no fold-in, and for softmax no mirror view (it compares embeddings)."""
+    # fold_in 0: the recipe's 3 epochs on every photo would make the demo's 6 epochs half as long again, for a gain measured on real flukes
+    options = {"data": data, "recipe": "flukes", "method": method, "epochs": epochs, "size": DEMO_SIZE, "name": f"demo-{method}", "models_dir": models_dir}
+    return FitConfig.from_options({**options, "fold_in": 0, **({} if method == "arcface" else {"mirror_view": False})})
+
+
 def run_demo(data: str | os.PathLike = "data/demo", models_dir: str | os.PathLike = "models", method: str = "arcface", epochs: int = 6) -> dict:
     """Generate (if absent), fit a box model, prepare with its fluke crops, fit the flukes recipe, submit and evaluate; returns the MAP@5 figures."""
     data, models_dir = Path(data), Path(models_dir)
@@ -30,11 +37,8 @@ def run_demo(data: str | os.PathLike = "data/demo", models_dir: str | os.PathLik
     boxes = fit_boxes(BoxConfig(data=str(data), boxes=str(train_boxes), name=box_name, models_dir=str(models_dir)))
     console.rule("prepare: dedup, split, every photo cropped to its predicted fluke box")
     prepare(data, cfg=PrepareConfig(boxes=box_name, models_dir=str(models_dir), min_samples=1))
-    name = f"demo-{method}"
-    cfg = FitConfig.from_options(
-        # fold_in 0: the recipe's 3 epochs on every photo would make the demo's 6 epochs half as long again, for a gain measured on real flukes
-        {"data": data, "recipe": "flukes", "method": method, "epochs": epochs, "size": DEMO_SIZE, "name": name, "models_dir": models_dir, "fold_in": 0}
-    )
+    cfg = demo_config(data, models_dir, method, epochs)
+    name = cfg.name
     console.rule(f"fit: the flukes recipe ({method}, {cfg.arch} at {DEMO_SIZE[0]}x{DEMO_SIZE[1]}px, {epochs} epochs)")
     fitted = fit(cfg)
     console.rule("submit and evaluate")
