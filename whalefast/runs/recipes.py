@@ -21,8 +21,8 @@ RECIPES: dict[str, dict] = {
     # (fold_in); decoupled weight decay 1.0 (wd), which lifted test MAP@5 on two seeds at no cost in time
     # (0.587 against 0.567 for 0.3 and 0.556 for the reference's 1e-4, which barely shrinks a weight); each
     # photo seen at 96x192, 112x224 and 128x256 at inference (tta_scales), and its mirror image as a view
-    # of its own, compared with the catalogue's mirror images (mirror_view: 0.604 against 0.587 on two
-    # seeds, for twice the inference: about 3 minutes more of a fit on 2 CPU cores); the catalogue
+    # of its own, compared with the catalogue's mirror images (mirror_view: 0.599 against 0.587 on two
+    # seeds, for twice the inference: about 1.5 minutes more of a fit on 2 CPU cores); the catalogue
     # stores each photo's 7 680 numbers projected to 512 (catalogue_dims), 1 KB in float16, which moved
     # test MAP@5 by -0.0008 and -0.0032 on two seeds (bench/embedding_size.py). Test MAP@5 on the real
     # flukes: bench/RESULTS.md.
