@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -152,13 +153,35 @@ def test_the_mirror_view_scores_the_mean_of_photo_and_mirror_cosines_at_each_sca
         Views(net, mirror_view=True)
 
 
+def with_a_whale_only_held_out(tiny_data, dst):
+    """A copy of the tiny dataset where one held-out photo is the only one of its whale: a fold-in meets that id first."""
+    import pandas as pd
+
+    shutil.copytree(tiny_data, dst)
+    split = pd.read_csv(dst / "prepared" / "split.csv", dtype=str, keep_default_na=False)
+    photo = split.Image[(split.is_valid == "True") & (split.Id != "new_whale")].iloc[0]
+    split.loc[split.Image == photo, ["Id", "target"]] = ["w_heldout", "new_whale"]
+    split.to_csv(dst / "prepared" / "split.csv", index=False)
+    for labels in (dst / "train.csv", dst / "prepared" / "train_clean.csv"):
+        table = pd.read_csv(labels, dtype=str, keep_default_na=False)
+        table.loc[table.Image == photo, "Id"] = "w_heldout"
+        table.to_csv(labels, index=False)
+    return dst
+
+
 @pytest.mark.slow
-def test_a_run_with_the_mirror_view_catalogues_photo_and_mirror_and_refuses_softmax(tiny_data, tmp_path, tiny_config, baseline_map5):
-    cfg = tiny_config(
-        tiny_data, tmp_path, name="mirrored", method="arcface", augment="fluke", embed_dim=16, scale=16.0, map_every=6, mirror_view=True, fold_in=1
-    )
+def test_a_run_with_the_mirror_view_catalogues_photo_and_mirror_and_refuses_softmax(tiny_data, tmp_path, tiny_config, baseline_map5, monkeypatch):
+    import whalefast.runs.methods as methods
+
+    data = with_a_whale_only_held_out(tiny_data, tmp_path / "data")
+    imprints = []
+    original = methods.carry_over_centres
+    monkeypatch.setattr(methods, "carry_over_centres", lambda head, trained, index, new=None: (imprints.append(new), original(head, trained, index, new)))
+    cfg = tiny_config(data, tmp_path, name="mirrored", method="arcface", augment="fluke", embed_dim=16, scale=16.0, map_every=6, mirror_view=True, fold_in=1)
     result = fit(cfg)
-    assert result["valid_map5"] > baseline_map5(tiny_data) + 0.05
+    # the fold-in starts an id first seen in a held-out photo from that photo's one plain view, not the first of its test-time views
+    assert len(imprints) == 1 and imprints[0].shape[1] == 16
+    assert result["valid_map5"] > baseline_map5(data) + 0.05
     run = Run.open(tmp_path / "mirrored")
     assert run.spec.mirror_view and json.loads((tmp_path / "mirrored" / "input.json").read_text())["mirror_view"] is True
     catalogue = run.catalogue()

@@ -298,7 +298,9 @@ def carry_over(network: nn.Module, trained: Trained, data: TrainingData, cfg: Fi
 
     def new_outputs() -> torch.Tensor:
         rows = data.items[~data.items.is_valid & data.items.label.isin([n for n, i in zip(data.vocab, index.tolist()) if i < 0])]
-        outputs = Embedded(method, trained_network, spec, trained.data, cfg.bs)(rows.Image).float()
+        # one view, so each branch's block of the output is that branch's: test-time views lay their blocks side by side
+        plain = replace(spec, scales=(1.0,), mirror_view=False)
+        outputs = Embedded(method, trained_network, plain, trained.data, cfg.bs)(rows.Image).float()
         position = {name: i for i, name in enumerate(data.vocab)}
         return torch.zeros(len(data.vocab), outputs.shape[1]).index_add_(0, torch.tensor([position[label] for label in rows.label]), outputs)
 
