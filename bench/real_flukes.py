@@ -4,7 +4,7 @@ Runs whalefast's own stages (boxes fit, prepare, fit, submit, evaluate) on a pri
 data, never on the original. Crop modes: the whole photo ("none"), the boxes given in boxes.csv
 ("given"), and boxes predicted by a box model trained on the training photos' boxes alone
 ("predicted"; the test boxes are never seen). Methods: softmax and arcface, each the flukes recipe
-with the settings in METHODS. Prints one table row per run, wall times included, and writes the table as CSV.
+with recipes.method_settings. Prints one table row per run, wall times included, and writes the table as CSV.
 
     python bench/real_flukes.py --data ../shared/data/real-flukes-100px               # every row (about 2.5 h on 2 CPU cores)
     python bench/real_flukes.py --data ../shared/data/real-flukes-100px --crops predicted --methods arcface   # the recipe, end to end
@@ -28,12 +28,12 @@ from whalefast.db import CATALOGUE_DB
 from whalefast.learn.boxes import fit_boxes
 from whalefast.learn.trainer import fit
 from whalefast.runs.config import VALIDATION_RUN, BoxConfig, FitConfig, option_text
+from whalefast.runs.recipes import method_settings
 from whalefast.stages.evaluate import evaluate
 from whalefast.stages.prepare import PrepareConfig, prepare
 from whalefast.stages.submit import submit
 
-# What each method changes in the flukes recipe (whalefast/runs/recipes.py): softmax scores ids, not embeddings, so it has no mirror view.
-METHODS = {"arcface": {"method": "arcface"}, "softmax": {"method": "softmax", "mirror_view": False}}
+METHODS = ("softmax", "arcface")  # each fits the flukes recipe with recipes.method_settings
 BOX_RECIPE = dict(size=96, epochs=4, bs=32, lr=5e-4)
 
 
@@ -76,7 +76,15 @@ def run(args) -> pd.DataFrame:
         for method in args.methods:
             name = f"{method}-{crop}"
             overrides = {"epochs": args.epochs, "size": args.size, "tta_scales": args.tta_scales, "parts": args.parts, **dict(args.set)}
-            options = {"data": data, "recipe": "flukes", **METHODS[method], "name": name, "models_dir": models, "seed": args.seed, "members": args.members}
+            options = {
+                "data": data,
+                "recipe": "flukes",
+                **method_settings(method),
+                "name": name,
+                "models_dir": models,
+                "seed": args.seed,
+                "members": args.members,
+            }
             if args.members > 1:
                 options["fold_in"] = 0  # as fit --members needs: an ensemble's networks are not folded in
             cfg = FitConfig.from_options({**options, **{k: v for k, v in overrides.items() if v is not None}})
@@ -143,7 +151,7 @@ def main():
     parser.add_argument("--data", required=True, help="a real set in the Kaggle layout with test_answers.csv and boxes.csv")
     parser.add_argument("--work", help="working folder (default: a new temporary one)")
     parser.add_argument("--crops", nargs="+", default=["none", "given", "predicted"], choices=["none", "given", "predicted"])
-    parser.add_argument("--methods", nargs="+", default=["softmax", "arcface"], choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--epochs", type=int, help="override the recipes' epochs (quick checks)")
     parser.add_argument("--size", help="override the recipes' input size, HEIGHTxWIDTH")
     parser.add_argument("--tta-scales", help="override the recipes' test-time scales, e.g. 6/7,1,8/7 (1: none)")

@@ -59,3 +59,8 @@ def recipe(name: str) -> dict:
         return dict(RECIPES[name])
     except KeyError:
         raise WhalefastError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}") from None
+
+
+def method_settings(method: str) -> dict:
+    """The options that fit the flukes recipe with `method`: softmax scores ids, not embeddings, so it has no mirror view."""
+    return {"method": method, **({"mirror_view": False} if method == "softmax" else {})}

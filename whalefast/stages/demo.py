@@ -11,6 +11,7 @@ from whalefast.data.synth import SynthConfig, generate
 from whalefast.learn.boxes import fit_boxes
 from whalefast.learn.trainer import fit
 from whalefast.runs.config import BoxConfig, FitConfig
+from whalefast.runs.recipes import method_settings
 from whalefast.stages.evaluate import evaluate
 from whalefast.stages.prepare import PrepareConfig, prepare
 from whalefast.stages.submit import submit
@@ -21,8 +22,16 @@ DEMO_SIZE = (64, 128)  # the flukes recipe, at a size that keeps the demo to min
 def demo_config(data: Path, models_dir: Path, method: str, epochs: int) -> FitConfig:
     """The flukes recipe as the demo fits it: DEMO_SIZE, `epochs`, no fold-in, and for softmax no mirror view (it compares embeddings)."""
     # fold_in 0: the recipe's 3 epochs on every photo would make the demo's 6 epochs half as long again, for a gain measured on real flukes
-    options = {"data": data, "recipe": "flukes", "method": method, "epochs": epochs, "size": DEMO_SIZE, "name": f"demo-{method}", "models_dir": models_dir}
-    return FitConfig.from_options({**options, "fold_in": 0, **({} if method == "arcface" else {"mirror_view": False})})
+    options = {
+        "data": data,
+        "recipe": "flukes",
+        **method_settings(method),
+        "epochs": epochs,
+        "size": DEMO_SIZE,
+        "name": f"demo-{method}",
+        "models_dir": models_dir,
+    }
+    return FitConfig.from_options({**options, "fold_in": 0})
 
 
 def run_demo(data: str | os.PathLike = "data/demo", models_dir: str | os.PathLike = "models", method: str = "arcface", epochs: int = 6) -> dict:
