@@ -137,3 +137,38 @@ def test_matching_with_an_exported_graph_loads_neither_timm_torchvision_nor_pand
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[] False"
+
+
+def test_a_fit_embeds_through_onnx_runtime_only_where_the_export_pays(monkeypatch):
+    import whalefast.nets.runtime as runtime
+
+    network = build_model("efficientnet-lite0", 7, head=EmbeddingHead(get_arch("efficientnet-lite0").features, 32, 7, 0.4, 30.0, training=False)).eval()
+    assert runtime.embedding_network(network, (48, 96), runtime.EXPORT_FROM_VIEWS - 1) is network
+    exported = runtime.embedding_network(network, (48, 96), runtime.EXPORT_FROM_VIEWS)
+    assert isinstance(exported, OnnxNetwork)
+    x = torch.randn(3, 3, 48, 96)
+    with torch.no_grad():
+        assert torch.allclose(exported(x), network(x), atol=1e-4)
+
+    def refused(*args, **kwargs):
+        raise WhalefastError("cannot export this network to ONNX")
+
+    monkeypatch.setattr(runtime, "export_onnx", refused)
+    assert runtime.embedding_network(network, (48, 96), runtime.EXPORT_FROM_VIEWS) is network  # eager still embeds, only slower
+
+
+@pytest.mark.slow
+def test_a_fit_that_embeds_through_onnx_runtime_scores_and_calibrates_as_eager_pytorch(tiny_data, tiny_config, tmp_path, monkeypatch):
+    import whalefast.nets.runtime as runtime
+    from whalefast.learn.trainer import fit
+
+    settings = dict(name="arcface", method="arcface", embed_dim=64, scale=16.0, epochs=2, map_every=1)
+    eager = fit(tiny_config(tiny_data, tmp_path / "eager", **settings))
+    exports = []
+    export = runtime.export_onnx
+    monkeypatch.setattr(runtime, "export_onnx", lambda network, size, source: exports.append(source) or export(network, size, source))
+    monkeypatch.setattr(runtime, "EXPORT_FROM_VIEWS", 1)
+    onnx = fit(tiny_config(tiny_data, tmp_path / "onnx", **settings))
+    assert exports.count("a fit's weights") == 2  # each epoch's validation MAP@5; calibration reuses the last one's outputs
+    assert onnx["valid_map5"] == pytest.approx(eager["valid_map5"], abs=1e-6) and onnx["valid_top1"] == pytest.approx(eager["valid_top1"], abs=1e-6)
+    assert onnx["threshold"] == pytest.approx(eager["threshold"], abs=1e-4)

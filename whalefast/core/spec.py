@@ -53,6 +53,11 @@ class InputSpec:
         """Whether the network learnt from fluke crops rather than whole photos."""
         return self.crop != "none"
 
+    @property
+    def views(self) -> int:
+        """How many times inference runs the network on each photo: once per scale, twice where the mirror image is seen too."""
+        return len(self.scales) * (2 if self.mirror or self.mirror_view else 1)
+
     def to_json(self) -> dict:
         return asdict(self)
 

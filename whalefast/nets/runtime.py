@@ -2,7 +2,8 @@
 
 On a CPU, ONNX Runtime embeds photos about twice as fast as eager PyTorch with the same outputs
 (bench/inference_speed.py), and it needs neither timm nor torchvision, so a command that
-matches one photo starts in half the time. On a GPU eager PyTorch (bf16 autocast) stays.
+matches one photo starts in half the time; a fit embeds its validation and catalogue photos the
+same way (`embedding_network`). On a GPU eager PyTorch (bf16 autocast) stays.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ AGREEMENT = 1e-3  # an exported graph's cosine to the network's outputs may fall
 SOURCE_KEY = "whalefast_source"  # the exported graph's metadata: the weights and layout it was exported from
 AGREEMENT_KEY = "whalefast_agreement"  # ... and its lowest cosine to the network's outputs when it was checked
 OPSET = 17
+# Exporting and checking a graph costs 2-3 s, after which a CPU embeds about twice as fast: worth it from
+# about this many photo views (a fit's validation MAP@5 and catalogue run thousands, a small test a few dozen).
+EXPORT_FROM_VIEWS = 512
 
 
 def check_runtime(name: str) -> str:
@@ -43,6 +47,17 @@ def resolve_runtime(name: str, device: torch.device) -> str:
     if name == "onnx" and device.type != "cpu":
         raise WhalefastError("--runtime onnx runs on the CPU; on a GPU use --runtime eager (or auto)")
     return "eager" if name == "bf16" and device.type != "cpu" else name
+
+
+def embedding_network(network: nn.Module, size: tuple[int, int], views: int) -> nn.Module:
+    """What a fit embeds `views` photo views with: on a CPU, where that many pay for the export, its network's weights as they are now run by ONNX Runtime; else the network itself."""
+    device = next(network.parameters(), torch.zeros(0)).device
+    if views < EXPORT_FROM_VIEWS or resolve_runtime("auto", device) != "onnx":
+        return network
+    try:
+        return OnnxNetwork(export_onnx(network, size, source="a fit's weights"))
+    except WhalefastError:
+        return network  # an operator ONNX cannot map: eager PyTorch gives the same outputs, only slower
 
 
 class Bfloat16Network(nn.Module):

@@ -24,6 +24,7 @@ from whalefast.db.store import PhotoRecord
 from whalefast.nets.forward import embed
 from whalefast.nets.heads import EmbeddingHead, carry_over_centres, carry_over_classifier
 from whalefast.nets.registry import get_arch
+from whalefast.nets.runtime import embedding_network
 from whalefast.nets.views import Combine, average_probabilities, concatenate_unit
 from whalefast.runs.catalogue import Catalogue, Projection
 from whalefast.runs.config import FitConfig
@@ -47,13 +48,16 @@ class Embedded:
     def __init__(self, method: Method, network: nn.Module, spec: InputSpec, data: TrainingData, bs: int, epoch: int | None = None):
         self.method, self.network, self.spec, self.data, self.bs, self.epoch = method, network, spec, data, bs, epoch
         self.outputs: dict[str, torch.Tensor] = {}
+        self.runner: nn.Module | None = None  # what runs `network` here, chosen at the first call (nets.runtime.embedding_network)
 
     def __call__(self, names) -> torch.Tensor:
         """(photos, outputs) for `names`, embedding those not seen yet."""
         names = list(names)
         todo = [n for n in dict.fromkeys(names) if n not in self.outputs]
         if todo:
-            outputs = self.method.embed(self.network, [self.data.images[n] for n in todo], self.spec, self.bs)
+            if self.runner is None:
+                self.runner = embedding_network(self.network, self.spec.size, len(todo) * self.spec.views)
+            outputs = self.method.embed(self.runner, [self.data.images[n] for n in todo], self.spec, self.bs)
             self.outputs.update(zip(todo, outputs))
         return torch.stack([self.outputs[n] for n in names]) if names else torch.zeros(0)
 
