@@ -6,7 +6,7 @@ scored as submit would write it (hash-matched training ids first) against test_a
 - share S: the threshold under which a share S of the test photos' best scores fall, so that S of
   first answers are new_whale (Happywhale 2022's first place; 27-30 % of test photos were new whales
   in the 2018 data and the 2019 winners' estimates);
-- blend S: the mean of the two thresholds.
+- blend S: the mean of the two thresholds (ranking.batch_threshold: what submit --new-whale-share S does).
 
     python bench/new_whale_rule.py --run WORK/models/arcface-predicted --data WORK/data    # WORK: what bench/real_flukes.py left
 """
@@ -20,7 +20,7 @@ import torch
 
 from whalefast import NEW_WHALE
 from whalefast.core.labels import read_labels
-from whalefast.core.ranking import NEW_WHALE_TARGET, map5_labels, rank_with_new_whale
+from whalefast.core.ranking import NEW_WHALE_TARGET, batch_threshold, map5_labels, rank_with_new_whale
 from whalefast.data.layout import test_images
 from whalefast.data.prepared import image_cache
 from whalefast.match.matcher import Matcher
@@ -57,7 +57,7 @@ def main() -> None:
     rules = {"calibrated": matcher.threshold}
     for share in map(float, args.shares.split(",")):
         rules[f"share {share:.2f}"] = share_threshold(best, share)
-        rules[f"blend {share:.2f}"] = (matcher.threshold + rules[f"share {share:.2f}"]) / 2
+        rules[f"blend {share:.2f}"] = batch_threshold(matcher.threshold, best, share)
     print(f"{args.run.name}: {len(readable)} test photos, {sum(v == NEW_WHALE for v in truth.values()) / len(truth):.1%} of them new whales")
     print(f"{'rule':<14} {'threshold':>9} {'new_whale first':>16} {'test MAP@5':>11}")
     for name, threshold in rules.items():

@@ -162,5 +162,5 @@ def test_the_demo_fits_the_flukes_recipe_with_either_method(tmp_path, method):
 
     cfg = demo_config(tmp_path, tmp_path / "models", method, epochs=6)
     check_config(cfg)  # softmax leaves out the recipe's mirror view, which compares embeddings
-    assert (cfg.method, cfg.size, cfg.epochs, cfg.fold_in, cfg.wd) == (method, DEMO_SIZE, 6, 0, 1.0)
+    assert (cfg.method, cfg.size, cfg.epochs, cfg.fold_in, cfg.wd, cfg.new_whale_share) == (method, DEMO_SIZE, 6, 0, 1.0, 0.5)
     assert cfg.mirror_view is (method == "arcface")

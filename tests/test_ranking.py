@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from whalefast.core.ranking import NEW_WHALE_TARGET as NW
-from whalefast.core.ranking import calibrate_threshold, map5, map5_labels, rank_with_new_whale
+from whalefast.core.ranking import batch_threshold, calibrate_threshold, map5, map5_labels, rank_with_new_whale
 
 
 def test_map5_hit_at_each_rank_and_miss():
@@ -55,3 +55,10 @@ def test_masked_cross_entropy_ignores_unseen_whales():
     targets = torch.tensor([0, 2, NW])
     assert float(MaskedCrossEntropy()(logits, targets)) == pytest.approx(float(F.cross_entropy(logits[:2], targets[:2])))
     assert float(MaskedCrossEntropy()(logits, torch.tensor([NW] * 3))) == 0.0
+
+
+def test_a_batch_threshold_is_halfway_between_the_calibrated_one_and_the_shares_quantile():
+    best = torch.tensor([0.5, 0.1, 0.4, 0.2, 0.3])
+    assert batch_threshold(0.6, best, 0.5) == pytest.approx((0.6 + 0.3) / 2)  # half the photos' best scores below 0.3
+    assert batch_threshold(0.6, best, 0.25) == pytest.approx((0.6 + 0.2) / 2)
+    assert batch_threshold(0.1, best, 0.75) == pytest.approx((0.1 + 0.4) / 2)  # above a low calibrated threshold too

@@ -88,3 +88,53 @@ def test_submit_format_and_evaluate(tiny_softmax, tiny_data, tmp_path):
     ranked = matcher.rank(matcher.scores([images[n] for n in others]))
     assert [sub.set_index("Image").Id[n] for n in others] == [" ".join(i for i, _ in r) for r in ranked]
     assert evaluate(out, tiny_data / "test_answers.csv")["images"] == len(answers)
+
+
+def test_submit_places_new_whale_by_the_batch_threshold_the_run_or_the_option_asks_for(arc_run, tiny_data, tmp_path, monkeypatch):
+    import json
+
+    import torch
+
+    import whalefast.match.matcher as matcher_module
+
+    calibrated = submit(tiny_data, arc_run, tmp_path / "calibrated.csv")  # the run's fit setting: 0
+    assert calibrated["new_whale_threshold"] == calibrated["calibrated_threshold"] is not None
+    few = submit(tiny_data, arc_run, tmp_path / "few.csv", new_whale_share=0.9)
+    assert few["new_whale_threshold"] == calibrated["calibrated_threshold"]  # 40 test photos, under BATCH_SHARE_FROM: too few to take a share of
+
+    monkeypatch.setattr(matcher_module, "BATCH_SHARE_FROM", 10)
+    config = arc_run / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "new_whale_share": 0.9}))
+    shared = submit(tiny_data, arc_run, tmp_path / "shared.csv")  # the run's fit setting now: 0.9
+    matcher = Matcher(arc_run)
+    names = pd.read_csv(tiny_data / "test_answers.csv").Image.tolist()
+    images = image_cache(tiny_data, tiny_data / "prepared", "test", names, matcher.spec)
+    scores = matcher.scores([images[n] for n in names])
+    expected = (matcher.threshold + float(torch.quantile(scores.max(1).values, 0.9))) / 2
+    assert shared["new_whale_threshold"] == pytest.approx(expected) and expected != pytest.approx(matcher.threshold)
+    matched = set(pd.read_csv(tiny_data / "prepared" / "test_matches.csv").Image)
+    rows = pd.read_csv(tmp_path / "shared.csv").set_index("Image").Id
+    ranked = matcher.rank(scores, threshold=shared["new_whale_threshold"])
+    assert [rows[n] for n in names if n not in matched] == [" ".join(i for i, _ in r) for n, r in zip(names, ranked) if n not in matched]
+    assert shared["new_whale_first"] != calibrated["new_whale_first"]
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "submit",
+            "--data",
+            str(tiny_data),
+            "--model",
+            "arcface",
+            "--models-dir",
+            str(arc_run.parent),
+            "--out",
+            str(tmp_path / "cli.csv"),
+            "--new-whale-share",
+            "0",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert pd.read_csv(tmp_path / "cli.csv").equals(pd.read_csv(tmp_path / "calibrated.csv"))  # the option beats the run's setting
+    result = CliRunner().invoke(app, ["submit", "--data", str(tiny_data), "--model", "arcface", "--models-dir", str(arc_run.parent), "--new-whale-share", "1"])
+    assert result.exit_code == 1 and "--new-whale-share must be at least 0 and below 1, got 1.0" in result.output

@@ -218,6 +218,8 @@ def test_frozen_stages_keep_their_imagenet_weights(tiny_data, tmp_path, tiny_con
         (dict(frozen_stages=8), "--frozen-stages must be at most 7 for efficientnet-lite0, got 8"),
         (dict(frozen_stages=-1), "--frozen-stages must be 0 or more, got -1"),
         (dict(frozen_stages=1, pretrained=False), "--frozen-stages needs a pretrained model"),
+        (dict(new_whale_share=1.0), "--new-whale-share must be at least 0 and below 1, got 1.0"),
+        (dict(new_whale_share=-0.1), "--new-whale-share must be at least 0 and below 1, got -0.1"),
     ],
 )
 def test_frozen_stages_bad_values(tmp_path, settings, message, tiny_config):

@@ -230,6 +230,11 @@ MIRROR_VIEW_HELP = "Test-time mirror view: each photo's mirror image is one more
 MirrorViewOpt = Annotated[bool, typer.Option(help=MIRROR_VIEW_HELP, rich_help_panel=MODEL)]
 CATALOGUE_DIMS_HELP = "Store embeddings in the catalogue projected to this many dimensions, fitted on the training photos (arcface; 0: as they are)."
 CatalogueDimsOpt = Annotated[int, typer.Option(help=CATALOGUE_DIMS_HELP, rich_help_panel=MODEL)]
+NEW_WHALE_SHARE_RULE = (
+    "new_whale halfway between the calibrated threshold and the score that puts it first for this share of the test photos "
+    "(from 100 photos; 0: the calibrated threshold alone)"
+)
+NewWhaleShareOpt = Annotated[float, typer.Option(help=f"Submit places {NEW_WHALE_SHARE_RULE}.", rich_help_panel=MODEL)]
 REFIT_HELP = (
     "After a run on the training photos calibrated the new_whale threshold (kept in NAME/validation/), train again on every labelled photo: twice the time."
 )
@@ -283,6 +288,7 @@ def training_options(
     tta_scales: TtaScalesOpt = "1",
     mirror_view: MirrorViewOpt = False,
     catalogue_dims: CatalogueDimsOpt = 0,
+    new_whale_share: NewWhaleShareOpt = 0.0,
     refit: RefitOpt = False,
     fold_in: FoldInOpt = 0,
 ):
@@ -373,6 +379,14 @@ RuntimeOpt = Annotated[
 ]
 
 
+def _threshold_text(summary: dict) -> str:
+    """The new_whale threshold submit used, and the calibrated one beside it where they differ."""
+    used, calibrated = summary["new_whale_threshold"], summary["calibrated_threshold"]
+    if used is None:
+        return "none (new_whale is an id of its own)"
+    return f"{used:.4f}" if used == calibrated else f"{used:.4f} ({calibrated:.4f})"
+
+
 def _filter(where, since, until, near, within_km):
     from whalefast.db.filters import parse_filter
 
@@ -423,12 +437,20 @@ def submit(
     near: NearOpt = "",
     within_km: WithinOpt = None,
     runtime: RuntimeOpt = "auto",
+    new_whale_share: Annotated[
+        float | None,
+        typer.Option(
+            help=f"Place {NEW_WHALE_SHARE_RULE}.",
+            show_default="the model's fit --new-whale-share (the flukes recipe: 0.5)",
+            rich_help_panel=OUT,
+        ),
+    ] = None,
 ):
     """Write a Kaggle submission (Image,Id with five ids) for every photo in test/."""
     from whalefast.core.console import results, table
     from whalefast.stages.submit import submit as run
 
-    s = _run(run, data, models_dir / model, out, tta, prepared, db, _filter(where, since, until, near, within_km), runtime)
+    s = _run(run, data, models_dir / model, out, tta, prepared, db, _filter(where, since, until, near, within_km), runtime, new_whale_share)
     results.print(
         table(
             f"Submission written to {s['out']}",
@@ -436,6 +458,7 @@ def submit(
             [
                 ["rows", s["rows"]],
                 ["new_whale first", f"{s['new_whale_first']:.1%}"],
+                ["new_whale threshold (calibrated)", _threshold_text(s)],
                 ["hash-matched to training photos", s["hash_matched"]],
                 ["mean top-1 score", f"{s['mean_top1_score']:.3f}"],
             ],

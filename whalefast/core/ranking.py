@@ -48,6 +48,20 @@ def rank_with_new_whale(scores: torch.Tensor, threshold: float | torch.Tensor | 
     return out[:, :k]
 
 
+# Below this many photos the share of a batch's first answers is too coarse to place new_whale by.
+BATCH_SHARE_FROM = 100
+
+
+def batch_threshold(calibrated: float, best: torch.Tensor, share: float) -> float:
+    """The new_whale threshold for a batch of photos: halfway between `calibrated` and the score under which `share` of their best scores fall.
+
+    A threshold calibrated on a hundred-odd validation photos moves by points between runs; the
+    batch's own quantile is steady, but puts new_whale first for `share` of the photos whatever they
+    hold. Halfway, each holds the other in check (bench/new_whale_rule.py).
+    """
+    return (calibrated + float(torch.quantile(best.float(), share))) / 2
+
+
 def calibrate_threshold(scores: torch.Tensor, targets: torch.Tensor, candidates: torch.Tensor | None = None) -> tuple[float, float]:
     """The new_whale threshold that maximises MAP@5 on (scores, targets), and that MAP@5."""
     if candidates is None:

@@ -310,7 +310,7 @@ def carry_over(network: nn.Module, trained: Trained, data: TrainingData, cfg: Fi
 
 
 # Settings that do not change what a member learns: where it is, how fast it loads, and what inference does after.
-MEMBER_NEUTRAL = RESUMABLE_CHANGES | {"tta_scales", "mirror_view", "catalogue_dims"}
+MEMBER_NEUTRAL = RESUMABLE_CHANGES | {"tta_scales", "mirror_view", "catalogue_dims", "new_whale_share"}
 
 
 def is_member_resumable(member: FitConfig) -> bool:

@@ -11,7 +11,7 @@ import torch
 from whalefast import NEW_WHALE
 from whalefast.core.console import progress_bar
 from whalefast.core.errors import WhalefastError
-from whalefast.core.ranking import NEW_WHALE_TARGET, rank_with_new_whale
+from whalefast.core.ranking import BATCH_SHARE_FROM, NEW_WHALE_TARGET, batch_threshold, rank_with_new_whale
 from whalefast.db.filters import PhotoFilter
 from whalefast.db.store import CatalogueStore
 from whalefast.match.photos import PhotoLoader
@@ -116,18 +116,32 @@ class Matcher:
         return self.id_scores(self.outputs(arrays, progress))
 
     def ranked(self, arrays, progress=None, k: int = 5) -> list[list[tuple[str, float]]]:
-        """Per photo, its k best (id, score) as `rank` gives them, scored QUERY_BATCH photos at a time (a large catalogue has many ids)."""
-        outputs = self.outputs(arrays, progress)
-        return [ranking for start in range(0, len(outputs), QUERY_BATCH) for ranking in self.rank(self.id_scores(outputs[start : start + QUERY_BATCH]), k)]
+        """Per photo, its k best (id, score) as `rank` gives them."""
+        return self.ranked_outputs(self.outputs(arrays, progress), k)
+
+    def ranked_outputs(self, outputs: torch.Tensor, k: int = 5, threshold: float | None = None) -> list[list[tuple[str, float]]]:
+        """Per network output, its k best (id, score) as `rank` gives them (`threshold`: new_whale's, if not the calibrated one), QUERY_BATCH photos at a time (a large catalogue has many ids)."""
+        return [
+            ranking
+            for start in range(0, len(outputs), QUERY_BATCH)
+            for ranking in self.rank(self.id_scores(outputs[start : start + QUERY_BATCH]), k, threshold)
+        ]
+
+    def batch_threshold(self, outputs: torch.Tensor, share: float) -> float | None:
+        """new_whale's threshold for a batch of network outputs: with `share` and at least BATCH_SHARE_FROM photos, ranking.batch_threshold's; else the calibrated one."""
+        if not share or self.threshold is None or NEW_WHALE in self.ids or len(outputs) < BATCH_SHARE_FROM:
+            return self.threshold
+        best = torch.cat([self.id_scores(outputs[start : start + QUERY_BATCH]).max(1).values for start in range(0, len(outputs), QUERY_BATCH)])
+        return batch_threshold(self.threshold, best, share)
 
     def scores_and_similarities(self, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """For one photo's output: (scores per id, cosine to each catalogue photo, or None without a catalogue)."""
         scores = self.id_scores(output[None])[0]
         return scores, None if self.catalogue is None else self.catalogue.similarities(output[None])[0].cpu()
 
-    def rank(self, scores: torch.Tensor, k: int = 5) -> list[list[tuple[str, float]]]:
-        """Per photo, the k best (id, score) with new_whale placed by the calibrated threshold."""
-        threshold = None if NEW_WHALE in self.ids else self.threshold
+    def rank(self, scores: torch.Tensor, k: int = 5, threshold: float | None = None) -> list[list[tuple[str, float]]]:
+        """Per photo, the k best (id, score) with new_whale placed by `threshold` (by default the calibrated one)."""
+        threshold = None if NEW_WHALE in self.ids else self.threshold if threshold is None else threshold
         ranked = rank_with_new_whale(scores, threshold, k)
         return [
             [(NEW_WHALE, float(threshold)) if i == NEW_WHALE_TARGET else (self.ids[i], float(row[i])) for i in idx] for row, idx in zip(scores, ranked.tolist())

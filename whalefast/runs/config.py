@@ -66,6 +66,9 @@ class FitConfig:
     tta_scales: tuple[float, ...] = (1.0,)  # inference sees each photo resized by each factor, the views combined
     mirror_view: bool = False  # arcface: inference also sees each photo's mirror image as a view of its own
     catalogue_dims: int = 0  # arcface: store embeddings in the catalogue projected to this many dimensions (0: as they are)
+    new_whale_share: float = (
+        0.0  # submit: new_whale's threshold halfway to the score that puts it first for this share of the test photos (0: the calibrated one)
+    )
     refit: bool = False  # after a run on the training photos has calibrated the threshold, train again on every labelled photo
     fold_in: int = 0  # after a run on the training photos has calibrated the threshold, train its network this many epochs more on every labelled photo
 
@@ -197,6 +200,13 @@ AUGMENTS = ("reference", "fluke")  # the training pipelines of whalefast.data.lo
 LIMITS = {"fold_in": 10_000, "embed_dim": 8192, "sub_centers": 64, "members": 64, "epochs": 10_000, "bs": 65_536, "catalogue_dims": 8192}
 
 
+def check_new_whale_share(share: float) -> float:
+    """`share` if it is one (0 to below 1), else a one-line error."""
+    if not (math.isfinite(share) and 0 <= share < 1):
+        raise WhalefastError(f"--new-whale-share must be at least 0 and below 1, got {share}")
+    return share
+
+
 def check_config(cfg: FitConfig) -> None:
     """One-line errors, each naming its option, for settings that cannot work."""
     get_arch(cfg.arch)
@@ -220,6 +230,7 @@ def check_config(cfg: FitConfig) -> None:
             raise WhalefastError(f"--{option} must be a number of at least 0, got {value}")
     if cfg.margin_power and cfg.margin_floor > cfg.margin:
         raise WhalefastError(f"--margin-floor must be at most --margin ({cfg.margin}), got {cfg.margin_floor}")
+    check_new_whale_share(cfg.new_whale_share)
     if cfg.parts < 0 or cfg.parts == 1:
         raise WhalefastError(f"--parts must be 0 (the whole photo only) or at least 2, got {cfg.parts}")
     cells = tuple(math.ceil(side / get_arch(cfg.arch).stride) for side in cfg.size)

@@ -24,8 +24,10 @@ RECIPES: dict[str, dict] = {
     # of its own, compared with the catalogue's mirror images (mirror_view: 0.599 against 0.587 on two
     # seeds, for twice the inference: about 1.5 minutes more of a fit on 2 CPU cores); the catalogue
     # stores each photo's 7 680 numbers projected to 512 (catalogue_dims), 1 KB in float16, which moved
-    # test MAP@5 by -0.0008 and -0.0032 on two seeds (bench/embedding_size.py). Test MAP@5 on the real
-    # flukes: bench/RESULTS.md.
+    # test MAP@5 by -0.0008 and -0.0032 on two seeds (bench/embedding_size.py); submit places new_whale
+    # halfway between the calibrated threshold and the score that puts it first for half the test photos
+    # (new_whale_share), which never lost more than 0.0005 on six networks and gained 0.016 where the
+    # 127 validation photos had set the threshold high. Test MAP@5 on the real flukes: bench/RESULTS.md.
     "flukes": dict(
         arch="efficientnet-lite0",
         method="arcface",
@@ -49,6 +51,7 @@ RECIPES: dict[str, dict] = {
         tta_scales=(6 / 7, 1.0, 8 / 7),
         mirror_view=True,
         catalogue_dims=512,
+        new_whale_share=0.5,
     ),
 }
 

@@ -16,6 +16,7 @@ from whalefast.data.layout import test_images
 from whalefast.data.prepared import TEST_MATCHES, check_prepared, image_cache
 from whalefast.db.filters import PhotoFilter
 from whalefast.match.matcher import Matcher
+from whalefast.runs.config import check_new_whale_share
 from whalefast.runs.folder import Run
 
 
@@ -60,12 +61,15 @@ def submit(
     db: str | os.PathLike | None = None,
     photo_filter: PhotoFilter | None = None,
     runtime: str = "auto",
+    new_whale_share: float | None = None,
 ) -> dict:
     """Predict every test photo and write `out` (Image,Id with up to five ids) atomically; returns a summary.
 
     An arcface run matches against the catalogue database `db` (the models folder's by default),
     only the photos `photo_filter` lets through. `runtime` is how the network runs (nets.runtime).
     `run_dir` may be a Matcher already loaded (tta, db, photo_filter and runtime are then its own).
+    `new_whale_share`: new_whale placed by Matcher.batch_threshold with this share (0: the calibrated
+    threshold; None: the run's fit setting).
     """
     data = Path(data)
     prepared = Path(prepared) if prepared else data / "prepared"
@@ -77,8 +81,11 @@ def submit(
     images = image_cache(data, prepared, "test", names, matcher.spec)
     unreadable = [n for n in names if n in images.problems]
     readable = [n for n in names if n not in images.problems]
+    share = check_new_whale_share(run.settings.new_whale_share if new_whale_share is None else new_whale_share)
     with progress_bar("predicting test/", len(readable)) as advance:
-        ranked = dict(zip(readable, matcher.ranked([images[n] for n in readable], progress=advance)))
+        outputs = matcher.outputs([images[n] for n in readable], progress=advance)
+    threshold = matcher.batch_threshold(outputs, share)
+    ranked = dict(zip(readable, matcher.ranked_outputs(outputs, threshold=threshold)))
     fallback = [(NEW_WHALE, 0.0)] + [(i, 0.0) for i in matcher.ids[:4]]
     matches = hash_matches(prepared)
     rows, top_scores = [], []
@@ -93,6 +100,8 @@ def submit(
         "out": str(out),
         "rows": len(submission),
         "new_whale_first": float((first == NEW_WHALE).mean()),
+        "new_whale_threshold": threshold,
+        "calibrated_threshold": matcher.threshold,
         "hash_matched": sum(1 for n in names if n in matches),
         "unreadable": len(unreadable),
         "mean_top1_score": float(sum(top_scores) / len(top_scores)),
