@@ -143,8 +143,10 @@ def test_a_fit_embeds_through_onnx_runtime_only_where_the_export_pays(monkeypatc
     import whalefast.nets.runtime as runtime
 
     network = build_model("efficientnet-lite0", 7, head=EmbeddingHead(get_arch("efficientnet-lite0").features, 32, 7, 0.4, 30.0, training=False)).eval()
-    assert runtime.embedding_network(network, (48, 96), runtime.EXPORT_FROM_VIEWS - 1) is network
-    exported = runtime.embedding_network(network, (48, 96), runtime.EXPORT_FROM_VIEWS)
+    enough = -(-runtime.EXPORT_FROM_PIXELS // (48 * 96))  # photo views of 48x96 pixels
+    assert runtime.embedding_network(network, (48, 96), enough - 1) is network
+    assert runtime.embedding_network(network, (96, 192), enough // 4 - 1) is network  # a quarter as many views of 4x the pixels: still short
+    exported = runtime.embedding_network(network, (48, 96), enough)
     assert isinstance(exported, OnnxNetwork)
     x = torch.randn(3, 3, 48, 96)
     with torch.no_grad():
@@ -154,7 +156,7 @@ def test_a_fit_embeds_through_onnx_runtime_only_where_the_export_pays(monkeypatc
         raise WhalefastError("cannot export this network to ONNX")
 
     monkeypatch.setattr(runtime, "export_onnx", refused)
-    assert runtime.embedding_network(network, (48, 96), runtime.EXPORT_FROM_VIEWS) is network  # eager still embeds, only slower
+    assert runtime.embedding_network(network, (48, 96), enough) is network  # eager still embeds, only slower
 
 
 @pytest.mark.slow
@@ -167,7 +169,7 @@ def test_a_fit_that_embeds_through_onnx_runtime_scores_and_calibrates_as_eager_p
     exports = []
     export = runtime.export_onnx
     monkeypatch.setattr(runtime, "export_onnx", lambda network, size, source: exports.append(source) or export(network, size, source))
-    monkeypatch.setattr(runtime, "EXPORT_FROM_VIEWS", 1)
+    monkeypatch.setattr(runtime, "EXPORT_FROM_PIXELS", 1)
     onnx = fit(tiny_config(tiny_data, tmp_path / "onnx", **settings))
     assert exports.count("a fit's weights") == 2  # each epoch's validation MAP@5; calibration reuses the last one's outputs
     assert onnx["valid_map5"] == pytest.approx(eager["valid_map5"], abs=1e-6) and onnx["valid_top1"] == pytest.approx(eager["valid_top1"], abs=1e-6)

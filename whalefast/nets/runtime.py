@@ -29,8 +29,9 @@ SOURCE_KEY = "whalefast_source"  # the exported graph's metadata: the weights an
 AGREEMENT_KEY = "whalefast_agreement"  # ... and its lowest cosine to the network's outputs when it was checked
 OPSET = 17
 # Exporting and checking a graph costs 2-3 s, after which a CPU embeds about twice as fast: worth it from
-# about this many photo views (a fit's validation MAP@5 and catalogue run thousands, a small test a few dozen).
-EXPORT_FROM_VIEWS = 512
+# about this many pixels of photo views (640 views at 112x224; the flukes recipe's validation MAP@5 and
+# catalogue embed 380 million, a tiny test's fit 2 million).
+EXPORT_FROM_PIXELS = 16_000_000
 
 
 def check_runtime(name: str) -> str:
@@ -50,9 +51,9 @@ def resolve_runtime(name: str, device: torch.device) -> str:
 
 
 def embedding_network(network: nn.Module, size: tuple[int, int], views: int) -> nn.Module:
-    """What a fit embeds `views` photo views with: on a CPU, where that many pay for the export, its network's weights as they are now run by ONNX Runtime; else the network itself."""
+    """What a fit embeds `views` photo views of `size` with: on a CPU, where they pay for the export, its network's weights as they are now run by ONNX Runtime; else the network itself."""
     device = next(network.parameters(), torch.zeros(0)).device
-    if views < EXPORT_FROM_VIEWS or resolve_runtime("auto", device) != "onnx":
+    if views * size[0] * size[1] < EXPORT_FROM_PIXELS or resolve_runtime("auto", device) != "onnx":
         return network
     try:
         return OnnxNetwork(export_onnx(network, size, source="a fit's weights"))

@@ -66,9 +66,7 @@ class FitConfig:
     tta_scales: tuple[float, ...] = (1.0,)  # inference sees each photo resized by each factor, the views combined
     mirror_view: bool = False  # arcface: inference also sees each photo's mirror image as a view of its own
     catalogue_dims: int = 0  # arcface: store embeddings in the catalogue projected to this many dimensions (0: as they are)
-    new_whale_share: float = (
-        0.0  # submit: new_whale's threshold halfway to the score that puts it first for this share of the test photos (0: the calibrated one)
-    )
+    new_whale_share: float = 0.0  # submit moves new_whale's threshold halfway to the quantile of this share of test photos' best scores
     refit: bool = False  # after a run on the training photos has calibrated the threshold, train again on every labelled photo
     fold_in: int = 0  # after a run on the training photos has calibrated the threshold, train its network this many epochs more on every labelled photo
 
