@@ -90,7 +90,7 @@ def test_submit_format_and_evaluate(tiny_softmax, tiny_data, tmp_path):
     assert evaluate(out, tiny_data / "test_answers.csv")["images"] == len(answers)
 
 
-def test_submit_places_new_whale_by_the_batch_threshold_the_run_or_the_option_asks_for(arc_run, tiny_data, tmp_path, monkeypatch):
+def test_submit_places_new_whale_by_the_batch_threshold_the_run_or_the_option_asks_for(arc_run, tiny_data, tmp_path, monkeypatch, capsys):
     import json
 
     import torch
@@ -101,6 +101,7 @@ def test_submit_places_new_whale_by_the_batch_threshold_the_run_or_the_option_as
     assert calibrated["new_whale_threshold"] == calibrated["calibrated_threshold"] is not None
     few = submit(tiny_data, arc_run, tmp_path / "few.csv", new_whale_share=0.9)
     assert few["new_whale_threshold"] == calibrated["calibrated_threshold"]  # 40 test photos, under BATCH_SHARE_FROM: too few to take a share of
+    assert "40 readable photos, too few to place new_whale by a share of them" in capsys.readouterr().err
 
     monkeypatch.setattr(matcher_module, "BATCH_SHARE_FROM", 10)
     config = arc_run / "config.json"

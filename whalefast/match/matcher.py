@@ -131,6 +131,7 @@ class Matcher:
         """new_whale's threshold for a batch of network outputs: with `share` and at least BATCH_SHARE_FROM photos, ranking.batch_threshold's; else the calibrated one."""
         if not share or self.threshold is None or NEW_WHALE in self.ids or len(outputs) < BATCH_SHARE_FROM:
             return self.threshold
+        # Scored here and again when ranked: a batch's (photos, ids) scores are not kept whole, a large catalogue has many ids.
         best = torch.cat([self.id_scores(outputs[start : start + QUERY_BATCH]).max(1).values for start in range(0, len(outputs), QUERY_BATCH)])
         return batch_threshold(self.threshold, best, share)
 
