@@ -7,12 +7,16 @@ import shutil
 import pandas as pd
 import pytest
 import torch
+from fastai.data.core import DataLoaders
+from fastai.learner import Learner
+from fastai.optimizer import Adam
 from fastai.test_utils import synth_learner
 from torch import nn
 
 from whalefast.core.errors import WhalefastError
-from whalefast.learn.callbacks import STAGES, Checkpoints, StageTimes, StepSchedule
+from whalefast.learn.callbacks import STAGES, Checkpoints, StageTimes, StepSchedule, UndecayedPoolingExponents
 from whalefast.learn.trainer import fit, lr_find, sgd_like_torch
+from whalefast.nets.heads import GeM
 from whalefast.nets.registry import build_model, get_arch
 from whalefast.runs.config import check_config
 
@@ -73,6 +77,25 @@ def test_sgd_matches_torch_sgd():
             opt.step()
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q)
+
+
+@pytest.mark.parametrize("undecayed", [True, False])
+def test_weight_decay_leaves_pooling_exponents_alone(undecayed):
+    torch.manual_seed(0)
+    x, y = torch.rand(64, 3, 4, 4), torch.rand(64, 1)
+    dls = DataLoaders.from_dsets(list(zip(x, y)), list(zip(x[:16], y[:16])), bs=16, device="cpu")
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), GeM(), nn.Linear(4, 1))
+    conv = model[0].weight.detach().norm().item()
+    cbs = [UndecayedPoolingExponents()] if undecayed else []
+    learn = Learner(dls, model, loss_func=nn.MSELoss(), opt_func=Adam, wd=10.0, wd_bn_bias=True, cbs=cbs)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(2, lr=0.01)  # 8 steps: decay alone takes a weight to 0.9 ** 8 = 0.43 of itself
+    exponent = model[2].p.item()
+    assert model[0].weight.norm().item() < 0.6 * conv  # the rest decays either way
+    if undecayed:
+        assert exponent == pytest.approx(3.0, abs=0.1)  # Adam's steps move it at most lr (0.01) each
+    else:
+        assert exponent < 1.5
 
 
 def test_tiny_fit_learns(tiny_softmax, tiny_data, baseline_map5):

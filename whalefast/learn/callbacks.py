@@ -25,6 +25,7 @@ from whalefast.learn.curves import plot_curves
 from whalefast.learn.distributed import is_main_process
 from whalefast.learn.state import optimizer_state, rng_state
 from whalefast.nets.forward import unwrap
+from whalefast.nets.heads import pooling_exponents
 from whalefast.runs.methods import Embedded, Method
 
 
@@ -60,6 +61,18 @@ class StepSchedule(Callback):
         lr = self.lr_at(self.epoch)
         self.opt.set_hyper("lr", body_and_head(lr, self.head_lr_mult))
         self.lrs.append(lr)
+
+
+class UndecayedPoolingExponents(Callback):
+    """Leave GeM's exponents out of weight decay, as fastai leaves out norm and bias parameters when wd_bn_bias is False.
+
+    Decay pulls a parameter towards 0; for a pooling exponent that is not a simpler model but another
+    pooling: the flukes recipe's fits (decoupled wd 1.0) ended with exponents of 0.53-0.68, from 3.
+    """
+
+    def before_fit(self):
+        for p in pooling_exponents(self.learn.model):
+            self.learn.opt.state[p]["do_wd"] = False
 
 
 class AfterEachEpoch(Callback):

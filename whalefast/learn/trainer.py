@@ -29,7 +29,16 @@ from whalefast.core.files import atomic_path, file_digest, load_saved, save_torc
 from whalefast.core.spec import InputSpec
 from whalefast.data.loaders import TrainingData, whale_dataloaders
 from whalefast.learn.calibration import finish
-from whalefast.learn.callbacks import Checkpoints, History, StartRunFolder, StepSchedule, StopOnNonFiniteLoss, ValidationMAP, body_and_head
+from whalefast.learn.callbacks import (
+    Checkpoints,
+    History,
+    StartRunFolder,
+    StepSchedule,
+    StopOnNonFiniteLoss,
+    UndecayedPoolingExponents,
+    ValidationMAP,
+    body_and_head,
+)
 from whalefast.learn.curves import plot_curves
 from whalefast.learn.distributed import barrier, init_distributed, rank0_first
 from whalefast.learn.state import load_optimizer_state, set_rng_state
@@ -95,7 +104,7 @@ def make_learner(cfg: FitConfig, spec: InputSpec, data: TrainingData, metrics: b
         wd_bn_bias=True,
         path=cfg.run_dir,
         model_dir=".",
-        cbs=[scoring] if scoring else [],
+        cbs=[UndecayedPoolingExponents(), *([scoring] if scoring else [])],
     )
     quiet_progress(learn)
     # Channels-last convolutions train efficientnet-lite0 about 1.2x faster on a CPU too.

@@ -24,6 +24,11 @@ class GeM(nn.Module):
         return x.mean(dim=(2, 3)).pow(1.0 / self.p)
 
 
+def pooling_exponents(model: nn.Module) -> list[nn.Parameter]:
+    """The learnt exponent of every GeM pooling in `model`."""
+    return [m.p for m in model.modules() if isinstance(m, GeM)]
+
+
 def strips(x: torch.Tensor, parts: int) -> list[torch.Tensor]:
     """`parts` vertical strips of a (B, C, H, W) feature map, left to right, then `parts` horizontal ones, top to bottom.
 
