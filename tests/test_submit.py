@@ -90,6 +90,14 @@ def test_submit_format_and_evaluate(tiny_softmax, tiny_data, tmp_path):
     assert evaluate(out, tiny_data / "test_answers.csv")["images"] == len(answers)
 
 
+def test_a_share_of_the_batch_is_refused_with_its_reason(arc_run):
+    matcher = Matcher(arc_run)
+    assert matcher.batch_share_refusal(99, 0.0) is None and matcher.batch_share_refusal(100, 0.5) is None
+    assert matcher.batch_share_refusal(99, 0.5).startswith("99 readable photos, too few")
+    matcher.threshold = None  # as a run that trains new_whale as a class has
+    assert "trains new_whale as a class" in matcher.batch_share_refusal(1000, 0.5)
+
+
 def test_submit_places_new_whale_by_the_batch_threshold_the_run_or_the_option_asks_for(arc_run, tiny_data, tmp_path, monkeypatch, capsys):
     import json
 
@@ -107,6 +115,7 @@ def test_submit_places_new_whale_by_the_batch_threshold_the_run_or_the_option_as
     config = arc_run / "config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "new_whale_share": 0.9}))
     shared = submit(tiny_data, arc_run, tmp_path / "shared.csv")  # the run's fit setting now: 0.9
+    assert "not applied" not in capsys.readouterr().err  # the warning follows the matcher's own limit
     matcher = Matcher(arc_run)
     names = pd.read_csv(tiny_data / "test_answers.csv").Image.tolist()
     images = image_cache(tiny_data, tiny_data / "prepared", "test", names, matcher.spec)

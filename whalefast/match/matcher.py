@@ -127,9 +127,19 @@ class Matcher:
             for ranking in self.rank(self.id_scores(outputs[start : start + QUERY_BATCH]), k, threshold)
         ]
 
+    def batch_share_refusal(self, photos: int, share: float) -> str | None:
+        """Why new_whale cannot be placed by `share` of a batch of `photos` (None where it can, or where no share is asked)."""
+        if not share:
+            return None
+        if self.threshold is None or NEW_WHALE in self.ids:
+            return "this run trains new_whale as a class, so it has no threshold for a share to move"
+        if photos < BATCH_SHARE_FROM:
+            return f"{photos} readable photos, too few to place new_whale by a share of them (--new-whale-share needs {BATCH_SHARE_FROM})"
+        return None
+
     def batch_threshold(self, outputs: torch.Tensor, share: float) -> float | None:
-        """new_whale's threshold for a batch of network outputs: with `share` and at least BATCH_SHARE_FROM photos, ranking.batch_threshold's; else the calibrated one."""
-        if not share or self.threshold is None or NEW_WHALE in self.ids or len(outputs) < BATCH_SHARE_FROM:
+        """new_whale's threshold for a batch of network outputs: ranking.batch_threshold's where `share` applies (batch_share_refusal); else the calibrated one."""
+        if not share or self.batch_share_refusal(len(outputs), share):
             return self.threshold
         # Scored here and again when ranked: a batch's (photos, ids) scores are not kept whole, a large catalogue has many ids.
         best = torch.cat([self.id_scores(outputs[start : start + QUERY_BATCH]).max(1).values for start in range(0, len(outputs), QUERY_BATCH)])

@@ -12,7 +12,6 @@ from whalefast.core.console import progress_bar, warn
 from whalefast.core.errors import WhalefastError
 from whalefast.core.files import file_digest, write_csv
 from whalefast.core.labels import read_labels
-from whalefast.core.ranking import BATCH_SHARE_FROM
 from whalefast.data.layout import test_images
 from whalefast.data.prepared import TEST_MATCHES, check_prepared, image_cache
 from whalefast.db.filters import PhotoFilter
@@ -86,10 +85,8 @@ def submit(
     with progress_bar("predicting test/", len(readable)) as advance:
         outputs = matcher.outputs([images[n] for n in readable], progress=advance)
     threshold = matcher.batch_threshold(outputs, share)
-    if share and len(readable) < BATCH_SHARE_FROM:
-        warn(
-            f"{data / 'test'}: {len(readable)} readable photos, too few to place new_whale by a share of them (--new-whale-share needs {BATCH_SHARE_FROM}); the calibrated threshold places it"
-        )
+    if refusal := matcher.batch_share_refusal(len(readable), share):
+        warn(f"{data / 'test'}: {refusal}; new_whale_share {share} is not applied")
     ranked = dict(zip(readable, matcher.ranked_outputs(outputs, threshold=threshold)))
     fallback = [(NEW_WHALE, 0.0)] + [(i, 0.0) for i in matcher.ids[:4]]
     matches = hash_matches(prepared)
