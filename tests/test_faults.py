@@ -95,6 +95,35 @@ def test_a_killed_prepare_takes_its_workers_along_and_leaves_a_folder_fit_refuse
     assert "did not finish" in _one_line(submitted)
 
 
+POOL_AFTER_ONNX = """
+import gc, time
+import torch
+from whalefast.core.parallel import process_pool
+from whalefast.nets.runtime import OnnxNetwork, export_onnx
+
+gc.disable()  # the garbage below stays for the workers to find
+network = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+garbage = [OnnxNetwork(export_onnx(network, (32, 32), source="a test"), threads=2)]
+garbage[0](torch.zeros(2, 3, 32, 32))
+garbage.append(garbage)  # a cycle: only a full collection frees the session, and its thread pool
+del garbage
+time.sleep(1)  # the session's threads now wait on their condition variables
+with process_pool(2) as pool:
+    print("collected", sum(pool.map(gc.collect, [2, 2])))
+"""
+
+
+@pytest.mark.slow
+def test_workers_started_after_an_onnx_session_finish():
+    # A worker forked from this process would collect the session's copy and wait forever in its destructor
+    # (it hung CI in test_synth after the fit tests had used ONNX Runtime).
+    try:
+        done = subprocess.run([sys.executable, "-c", POOL_AFTER_ONNX], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the pool's workers hung collecting the ONNX session they inherited")
+    assert done.returncode == 0 and done.stdout.startswith("collected"), done.stderr
+
+
 def test_prepare_checks_every_input_before_writing_anything(data_copy):
     cases = [
         (["--boxes", "nope"], "--boxes nope: neither a boxes CSV nor a box model folder"),

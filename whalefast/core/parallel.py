@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import signal
 import sys
@@ -26,4 +27,8 @@ def _die_with_parent(parent: int) -> None:
 
 def process_pool(workers: int) -> ProcessPoolExecutor:
     """A ProcessPoolExecutor of `workers` processes that are killed when this process dies, even by SIGKILL."""
+    # The workers are forked at the pool's first task. Garbage they inherit, such as an ONNX Runtime session
+    # in a reference cycle, would be finalised in a worker whose copies of the session's threads do not run,
+    # and its destructor would wait on them forever: free it here, where those threads exist.
+    gc.collect()
     return ProcessPoolExecutor(workers, initializer=_die_with_parent, initargs=(os.getpid(),))
