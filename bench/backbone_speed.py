@@ -22,6 +22,7 @@ SETTINGS = [
     # (arch, frozen stages, channels last)
     ("efficientnet-lite0", 0, False),
     ("efficientnet-lite0", 0, True),
+    ("efficientnet-lite0", 1, True),
     ("efficientnet-lite0", 2, False),
     ("efficientnet-lite0", 2, True),
     ("efficientnet-lite0", 3, True),
