@@ -15,7 +15,7 @@ from torch import nn
 
 from whalefast.core.errors import WhalefastError
 from whalefast.learn.callbacks import STAGES, Checkpoints, StageTimes, StepSchedule, UndecayedPoolingExponents
-from whalefast.learn.trainer import fit, lr_find, sgd_like_torch
+from whalefast.learn.trainer import build_learner, fit, lr_find, sgd_like_torch
 from whalefast.nets.heads import GeM
 from whalefast.nets.registry import build_model, get_arch
 from whalefast.runs.config import check_config
@@ -96,6 +96,20 @@ def test_weight_decay_leaves_pooling_exponents_alone(undecayed):
         assert exponent == pytest.approx(3.0, abs=0.1)  # Adam's steps move it at most lr (0.01) each
     else:
         assert exponent < 1.5
+
+
+@pytest.mark.parametrize("arch", ["efficientnet-lite0", "whale-resnet"])
+def test_every_learner_trains_channels_last(arch):
+    """The fit and the box model share build_learner, so both train in the faster channels-last order."""
+    torch.manual_seed(0)
+    x, y = torch.rand(8, 3, 32, 32), torch.rand(8, 4)
+    dls = DataLoaders.from_dsets(list(zip(x, y)), list(zip(x[:4], y[:4])), bs=4, device="cpu")
+    learn = build_learner(dls, arch, n_out=4, pretrained=False, loss_func=nn.MSELoss())
+    convs = [m.weight for m in learn.model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1) and m.in_channels > m.groups]
+    assert convs and not any(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, lr=1e-3)
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
 
 
 def test_tiny_fit_learns(tiny_softmax, tiny_data, baseline_map5):
