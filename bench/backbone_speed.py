@@ -1,9 +1,10 @@
 """Training speed of the flukes recipe's backbone: memory order, frozen stages and efficientnet-lite size, side by side.
 
 Each setting trains the backbone with the recipe's embedding head shape (a linear map to 512) on
-random tensors: forward, backward and an Adam step per batch, no data loading. Settings take turns
-for `--rounds` rounds and the median of each is reported, so a slow moment of the machine hits
-all of them alike.
+random tensors: forward, backward and an Adam step per batch, no data loading. The box model (96x96,
+batch norm frozen) is timed in the same turns, in both memory orders. Settings take turns for
+`--rounds` rounds and the median of each is reported, so a slow moment of the machine hits all of
+them alike. `yardstick()` is one row of it, the machine's speed that bench/real_flukes.py records.
 
     python bench/backbone_speed.py                      # CPU, about 2 minutes on 2 cores
     python bench/backbone_speed.py --size 112x224 --bs 32 --steps 4 --rounds 3
@@ -15,6 +16,7 @@ import torch
 from interleaved import median_rates, timing_arguments, training_step
 from torch import nn
 
+from whalefast.core.allocator import reuse_freed_memory
 from whalefast.core.images import as_size
 from whalefast.nets.registry import build_model, freeze_stages, get_arch
 
@@ -29,6 +31,7 @@ SETTINGS = [
     ("efficientnet-lite1", 2, True),
     ("efficientnet-lite2", 2, True),
 ]
+BOX_SIZE = 96  # the box model's square input (BoxConfig.size)
 
 
 def make_step(arch: str, frozen: int, channels_last: bool, x: torch.Tensor):
@@ -40,17 +43,45 @@ def make_step(arch: str, frozen: int, channels_last: bool, x: torch.Tensor):
     return training_step(model, lambda out: out.pow(2).mean(), x)
 
 
+def make_box_step(channels_last: bool, x: torch.Tensor):
+    """One training step of the box model as fit_boxes trains it: lite0, a linear map to 4 numbers, batch norm frozen."""
+    arch = "efficientnet-lite0"
+    model = build_model(arch, 1, head=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(get_arch(arch).features, 4)))
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    step = training_step(model, lambda out: out.pow(2).mean(), x)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eval()
+    return step
+
+
+def yardstick(rounds: int = 3) -> float:
+    """This machine's speed now: training images/s of the flukes recipe's backbone (lite0, channels last, 112x224, batch 32)."""
+    reuse_freed_memory()  # as fit does: without it a process that has not fitted yet trains up to 1.25x slower
+    torch.manual_seed(0)
+    step = make_step("efficientnet-lite0", 0, True, torch.randn(32, 3, 112, 224))
+    return median_rates({"yardstick": step}, 32, 2, rounds)["yardstick"]
+
+
 def main() -> None:
     args = timing_arguments(__doc__.splitlines()[0]).parse_args()
     h, w = as_size(args.size)
     torch.manual_seed(0)
     x = torch.randn(args.bs, 3, h, w)
-    rates = median_rates({s: make_step(*s, x) for s in SETTINGS}, args.bs, args.steps, args.rounds)
+    box_x = torch.randn(args.bs, 3, BOX_SIZE, BOX_SIZE)
+    steps = {**{s: make_step(*s, x) for s in SETTINGS}, **{("box", cl): make_box_step(cl, box_x) for cl in (False, True)}}
+    rates = median_rates(steps, args.bs, args.steps, args.rounds)
+    box_rates = {cl: rates.pop(("box", cl)) for cl in (False, True)}
     base = rates[SETTINGS[0]]
     print(f"training images/s at {h}x{w}, batch {args.bs}, {torch.get_num_threads()} threads, median of {args.rounds} rounds")
     print(f"{'arch':<20}{'frozen stages':>14}{'channels last':>15}{'img/s':>9}{'ratio':>8}")
     for (arch, frozen, cl), rate in rates.items():
         print(f"{arch:<20}{frozen:>14}{'yes' if cl else 'no':>15}{rate:>9.1f}{rate / base:>8.2f}")
+    print(f"the box model (efficientnet-lite0, {BOX_SIZE}x{BOX_SIZE}, batch norm frozen as fit_boxes trains it), in the same turns")
+    print(f"{'channels last':>15}{'img/s':>9}{'ratio':>8}")
+    for cl, rate in box_rates.items():
+        print(f"{'yes' if cl else 'no':>15}{rate:>9.1f}{rate / box_rates[False]:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ Runs whalefast's own stages (boxes fit, prepare, fit, submit, evaluate) on a pri
 data, never on the original. Crop modes: the whole photo ("none"), the boxes given in boxes.csv
 ("given"), and boxes predicted by a box model trained on the training photos' boxes alone
 ("predicted"; the test boxes are never seen). Methods: softmax and arcface, each the flukes recipe
-with recipes.method_settings. Prints one table row per run, wall times included, and writes the table as CSV.
+with recipes.method_settings. Prints one table row per run, wall times included, and writes the table as CSV,
+with the machine's speed before and after the runs (backbone_speed.yardstick), so that minutes on
+different VMs can be compared.
 
     python bench/real_flukes.py --data ../shared/data/real-flukes-100px               # every row (about 2.5 h on 2 CPU cores)
     python bench/real_flukes.py --data ../shared/data/real-flukes-100px --crops predicted --methods arcface   # the recipe, end to end
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+from backbone_speed import yardstick
 
 from whalefast.core.images import size_text
 from whalefast.data.boxes_csv import write_training_boxes
@@ -55,6 +58,8 @@ def run(args) -> pd.DataFrame:
     models = work / "models"
     rows = []
     box_seconds = 0.0
+    speed_before = yardstick()  # minutes mean little across VMs without it: their CPUs train up to 1.9x apart
+    print(f"this machine trains the backbone at {speed_before:.1f} images/s (bench/backbone_speed.py's yardstick)", flush=True)
     if "predicted" in args.crops:
         start = time.time()
         box = fit_boxes(
@@ -131,7 +136,9 @@ def run(args) -> pd.DataFrame:
                     }
                 )
             print(pd.DataFrame(rows).to_string(index=False), flush=True)
-    table = pd.DataFrame(rows)
+    speed_after = yardstick()
+    print(f"yardstick: {speed_before:.1f} images/s before the runs, {speed_after:.1f} after", flush=True)
+    table = pd.DataFrame(rows).assign(yardstick_before=round(speed_before, 1), yardstick_after=round(speed_after, 1))
     table.to_csv(work / "real_flukes.csv", index=False)
     print(f"table written to {work / 'real_flukes.csv'}")
     return table
