@@ -34,25 +34,20 @@ SETTINGS = [
 BOX_SIZE = 96  # the box model's square input (BoxConfig.size)
 
 
-def make_step(arch: str, frozen: int, channels_last: bool, x: torch.Tensor):
-    """One training step of `arch` with `frozen` stages frozen, as a function of nothing."""
-    model = build_model(arch, 1, head=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(get_arch(arch).features, 512)))
+def make_step(arch: str, frozen: int, channels_last: bool, x: torch.Tensor, outputs: int = 512, frozen_batch_norm: bool = False):
+    """One training step of `arch` with `frozen` stages frozen and a linear map to `outputs`, as a function of nothing.
+
+    `frozen_batch_norm` keeps batch norm in eval mode, as fit_boxes trains the box model.
+    """
+    model = build_model(arch, 1, head=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(get_arch(arch).features, outputs)))
     freeze_stages(model, frozen)
     if channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    return training_step(model, lambda out: out.pow(2).mean(), x)
-
-
-def make_box_step(channels_last: bool, x: torch.Tensor):
-    """One training step of the box model as fit_boxes trains it: lite0, a linear map to 4 numbers, batch norm frozen."""
-    arch = "efficientnet-lite0"
-    model = build_model(arch, 1, head=nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(get_arch(arch).features, 4)))
-    if channels_last:
-        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     step = training_step(model, lambda out: out.pow(2).mean(), x)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.eval()
+    if frozen_batch_norm:
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.eval()
     return step
 
 
@@ -70,7 +65,8 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(args.bs, 3, h, w)
     box_x = torch.randn(args.bs, 3, BOX_SIZE, BOX_SIZE)
-    steps = {**{s: make_step(*s, x) for s in SETTINGS}, **{("box", cl): make_box_step(cl, box_x) for cl in (False, True)}}
+    box_steps = {("box", cl): make_step("efficientnet-lite0", 0, cl, box_x, outputs=4, frozen_batch_norm=True) for cl in (False, True)}
+    steps = {**{s: make_step(*s, x) for s in SETTINGS}, **box_steps}
     rates = median_rates(steps, args.bs, args.steps, args.rounds)
     box_rates = {cl: rates.pop(("box", cl)) for cl in (False, True)}
     base = rates[SETTINGS[0]]

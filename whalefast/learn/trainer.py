@@ -75,7 +75,7 @@ def quiet_progress(learn: Learner) -> Learner:
 
 
 def build_learner(dls, arch: str, n_out: int, pretrained: bool, head: nn.Module | None = None, **learner_kwargs) -> Learner:
-    """A fastai Learner for `arch`: vision_learner for the registered backbones, a plain Learner for whale-resnet."""
+    """A fastai Learner for `arch` that trains channels-last: vision_learner for the registered backbones, a plain Learner for whale-resnet."""
     spec = get_arch(arch)
     if spec.vision_learner:
         learn = vision_learner(dls, spec.build, n_out=n_out, pretrained=pretrained, normalize=False, custom_head=head, **learner_kwargs)
