@@ -256,6 +256,51 @@ def test_fold_in_goes_on_from_the_validation_runs_network_and_resumes_where_it_s
         fit(cfg, distributed=True)
 
 
+def test_fold_in_within_needs_fewer_fold_in_epochs_than_epochs_and_without_any_is_a_plain_run(tmp_path):
+    from whalefast.runs.config import FitConfig, check_config
+
+    recipe = FitConfig.from_options({"data": str(tmp_path), "recipe": "flukes", "min_samples": 1})
+    assert recipe.fold_in_within and 0 < recipe.fold_in < recipe.epochs
+    ensemble = replace(recipe, fold_in=0, members=2)  # what the README asks of an ensemble of the flukes recipe
+    check_config(ensemble)
+    assert not ensemble.refits
+    for fold_in in (recipe.epochs, recipe.epochs + 1):
+        with pytest.raises(WhalefastError, match=rf"--fold-in-within .* --fold-in must be under --epochs, got {fold_in} and {recipe.epochs}"):
+            check_config(replace(recipe, fold_in=fold_in))
+
+
+@pytest.mark.slow
+def test_fold_in_within_trains_the_schedules_last_epochs_on_every_photo(tiny_data, tmp_path, tiny_config, monkeypatch):
+    from whalefast.learn.callbacks import Checkpoints
+    from whalefast.learn.trainer import fit
+    from whalefast.runs.folder import Run
+
+    settings = dict(method="arcface", embed_dim=32, scale=16.0, epochs=3, map_every=3, schedule="one-cycle")
+    plain = fit(tiny_config(tiny_data, tmp_path / "models", name="plain", **settings))
+    cfg = tiny_config(tiny_data, tmp_path / "models", name="within", fold_in=1, fold_in_within=True, **settings)
+    result = fit(cfg)
+    validation, final = Run.open(tmp_path / "models" / "within" / "validation"), Run.open(tmp_path / "models" / "within")
+    whole = pd.read_csv(tmp_path / "models" / "plain" / "history.csv")
+    first, folded = pd.read_csv(validation.path / "history.csv"), pd.read_csv(final.path / "history.csv")
+    # the first run is the plain run's first 2 epochs, scored and calibrated at its last; the fold-in is the third on every photo
+    assert first.epoch.tolist() == [0, 1] and folded.epoch.tolist() == [2]
+    assert first.valid_loss.tolist() == pytest.approx(whole.valid_loss[:2].tolist(), rel=1e-5)
+    assert first.lr.tolist() + folded.lr.tolist() == pytest.approx(whole.lr.tolist(), rel=1e-6)  # one schedule across both stages
+    assert not pd.isna(first.map5.iloc[-1]) and pd.isna(whole.map5.iloc[1])  # scored where the first run ends, not only at the schedule's end
+    assert result["threshold"] == validation.calibration["threshold"] != plain["threshold"]
+    assert final.settings.fold_in_within and not validation.settings.fold_in_within and final.weights_digest != validation.weights_digest
+
+    original = Checkpoints.after_epoch
+    monkeypatch.setattr(Checkpoints, "after_epoch", interrupted_after(original, 2))  # the first run done, the fold-in not begun
+    again = replace(cfg, name="again")
+    with pytest.raises(KeyboardInterrupt):
+        fit(again)
+    monkeypatch.setattr(Checkpoints, "after_epoch", original)
+    resumed = fit(again, resume=True)
+    assert resumed["threshold"] == pytest.approx(result["threshold"], abs=1e-6)
+    assert pd.read_csv(tmp_path / "models" / "again" / "history.csv").valid_loss.tolist() == pytest.approx(folded.valid_loss.tolist(), rel=1e-5)
+
+
 @pytest.mark.slow
 def test_refit_trains_on_every_photo_and_keeps_the_validation_runs_threshold(tiny_data, tmp_path, tiny_config, catalogue_of):
     from whalefast.learn.trainer import fit

@@ -244,6 +244,11 @@ FOLD_IN_HELP = (
     "train its network this many epochs more on every labelled photo (0: none)."
 )
 FoldInOpt = Annotated[int, typer.Option(help=FOLD_IN_HELP, rich_help_panel=TRAIN)]
+FOLD_IN_WITHIN_HELP = (
+    "The --fold-in epochs are the last ones of the --epochs, on the same learning-rate schedule, "
+    "rather than more after them at a tenth of the rate: the first run calibrates at epoch EPOCHS - FOLD_IN."
+)
+FoldInWithinOpt = Annotated[bool, typer.Option(help=FOLD_IN_WITHIN_HELP, rich_help_panel=TRAIN)]
 MEMBERS_HELP = "Train an ensemble of this many networks, from seeds SEED, SEED+1 and so on, used as one model; each one costs a full fit."
 MembersOpt = Annotated[int, typer.Option(help=MEMBERS_HELP, rich_help_panel=MODEL)]
 
@@ -291,6 +296,7 @@ def training_options(
     new_whale_share: NewWhaleShareOpt = 0.0,
     refit: RefitOpt = False,
     fold_in: FoldInOpt = 0,
+    fold_in_within: FoldInWithinOpt = False,
 ):
     """The options fit and lr-find share: a run's settings (whalefast.runs.config.FitConfig), the defaults the reference recipe's."""
 

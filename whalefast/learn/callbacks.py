@@ -1,4 +1,4 @@
-"""The trainer's callbacks, each with one job: stop a diverging run, start the run folder, write history, keep checkpoints, step the lr.
+"""The trainer's callbacks, each with one job: stop a diverging run, start the run folder, write history, keep checkpoints, end a fit early, step the lr.
 
 They read the epoch's figures by name from fastai's Recorder, and run after it (Recorder.order) in the
 order listed here, each placed after the one it follows (`run_after`).
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelFitException
 from fastai.learner import Recorder
 from fastai.metrics import ValueMetric
 from fastcore.basics import store_attr
@@ -208,6 +208,19 @@ class Checkpoints(AfterEachEpoch):
             save_torch(state, self.resume)
 
 
+class EndAfterEpoch(Callback):
+    """End the fit once `epochs` epochs (counted from 1) are done, its schedule still laid out over all of the fit's epochs."""
+
+    run_after, order = Checkpoints, Checkpoints.order + 1  # once the epoch is logged and saved
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def after_epoch(self):
+        if self.epoch + 1 >= self.epochs:
+            raise CancelFitException
+
+
 class ValidationMAP(Callback):
     """Validation MAP@5 and top-1, ranked as submit ranks, every `every` epochs and at the last: the `map5` and `top1` metrics.
 
@@ -218,14 +231,15 @@ class ValidationMAP(Callback):
 
     order = Recorder.order - 60  # before validation starts, so the Recorder logs the values this epoch
 
-    def __init__(self, method: Method, spec: InputSpec, data: TrainingData, bs: int, every: int = 1, catalogue_dims: int = 0):
+    def __init__(self, method: Method, spec: InputSpec, data: TrainingData, bs: int, every: int = 1, catalogue_dims: int = 0, last: int | None = None):
         self.method, self.spec, self.data, self.bs, self.every, self.catalogue_dims = method, spec, data, bs, every, catalogue_dims
+        self.last = last  # the epochs the fit trains, where an EndAfterEpoch ends it before its n_epoch
         self.map5 = self.top1 = None
         self.embedded: Embedded | None = None  # the last scored epoch's outputs: calibration reuses them when that epoch's weights are the best
 
     def before_validate(self):
         self.map5 = self.top1 = None
-        if (self.epoch + 1) % self.every and self.epoch + 1 < self.n_epoch:
+        if (self.epoch + 1) % self.every and self.epoch + 1 < (self.last or self.n_epoch):
             return
         self.embedded = Embedded(self.method, unwrap(self.model), self.spec, self.data, self.bs, epoch=self.epoch)
         known = self.method.known(self.embedded, validation_too=False)

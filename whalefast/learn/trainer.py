@@ -31,6 +31,7 @@ from whalefast.data.loaders import TrainingData, whale_dataloaders
 from whalefast.learn.calibration import finish
 from whalefast.learn.callbacks import (
     Checkpoints,
+    EndAfterEpoch,
     History,
     StartRunFolder,
     StepSchedule,
@@ -89,11 +90,11 @@ def build_learner(dls, arch: str, n_out: int, pretrained: bool, head: nn.Module 
     return learn
 
 
-def make_learner(cfg: FitConfig, spec: InputSpec, data: TrainingData, metrics: bool = True) -> Learner:
-    """The Learner for `cfg`: registry backbone, SGD as torch applies it, the method's head and loss, and (with `metrics`) validation MAP@5."""
+def make_learner(cfg: FitConfig, spec: InputSpec, data: TrainingData, metrics: bool = True, until: int | None = None) -> Learner:
+    """The Learner for `cfg`: registry backbone, SGD as torch applies it, the method's head and loss, and (with `metrics`) validation MAP@5, scored at the last epoch it trains (`until`, if it stops early)."""
     method = get_method(cfg.method)
     head = method.head(cfg, len(data.vocab), counts=data.class_counts())
-    scoring = ValidationMAP(method, spec, data, cfg.bs, cfg.map_every, cfg.catalogue_dims) if metrics else None
+    scoring = ValidationMAP(method, spec, data, cfg.bs, cfg.map_every, cfg.catalogue_dims, last=until) if metrics else None
     learn = build_learner(
         data.dls,
         cfg.arch,
@@ -188,6 +189,7 @@ def train_network(
     every_photo: bool = False,
     start_from: Trained | None = None,
     settings: FitConfig | None = None,
+    epochs: range | None = None,
 ) -> Trained:
     """Train one network as `cfg` says, checkpointing to its run folder.
 
@@ -195,17 +197,19 @@ def train_network(
     status and config). With `every_photo`, the held-out photos train too and no validation MAP@5 is
     scored (there is nothing held out to score). `start_from`: a trained network to go on from (fit
     --fold-in), its class centres following their ids. `settings`: what the run folder records, where
-    `cfg` is only how this stage trains.
+    `cfg` is only how this stage trains. `epochs`: the epochs of cfg.epochs' schedule this stage trains
+    (fit --fold-in-within trains them in two stages), by default all.
     """
+    epochs = epochs or range(cfg.epochs)
     set_seed(cfg.seed, reproducible=True)
     data = rank0_first(training_data, cfg, spec, every_photo)  # rank 0 builds the decoded-image cache, the others then read it
     learnt = Learnt(vocab=list(data.vocab), train_digest=file_digest(Path(cfg.data) / "train.csv"))
     run = Run(cfg.run_dir)
-    learn = make_learner(cfg, spec, data, metrics=not every_photo)
+    learn = make_learner(cfg, spec, data, metrics=not every_photo, until=epochs.stop)
     if start_from is not None:
         carry_over(unwrap(learn.model), start_from, data, cfg, spec)
 
-    start_epoch, previous, best = 0, None, (float("inf"), -1)
+    start_epoch, previous, best = epochs.start, None, (float("inf"), -1)
     if resume:
         state = load_saved(run / Run.RESUME, "resume state")
         unwrap(learn.model).load_state_dict(state["model"])
@@ -227,7 +231,9 @@ def train_network(
     files = {} if resume else {**(more_files or {}), **run.start_files(asdict(settings or cfg), learnt, spec)}
     checkpoints = Checkpoints(run / Run.WEIGHTS, run / Run.RESUME, *best)
     cbs = [StopOnNonFiniteLoss(cfg.lr), StartRunFolder(files), history, checkpoints]
-    if start_epoch < cfg.epochs:
+    if epochs.stop < cfg.epochs:
+        cbs.append(EndAfterEpoch(epochs.stop))
+    if start_epoch < epochs.stop:
         # SyncBatchNorm runs on GPUs only; on CPUs each process keeps its own batch statistics.
         cuda = torch.cuda.is_available()
         context = learn.distrib_ctx(sync_bn=cuda, cpu=not cuda) if distributed else contextlib.nullcontext()
@@ -286,12 +292,20 @@ def fit_refit(cfg: FitConfig, spec: InputSpec, resume: bool = False) -> dict:
     With `resume`, each run continues where it stopped (a finished first run is loaded as it is).
     """
     first = validation_config(cfg)
-    console.print(f"refit 1 of 2: {cfg.epochs} epochs on the training photos, to calibrate the new_whale threshold")
-    t = train_network(first, spec, resume and is_member_resumable(first), more_files=None if resume else Run(cfg.run_dir).start_files(asdict(cfg)))
+    # --fold-in-within: the last fold_in epochs of the one schedule train on every photo, the first ones calibrate
+    within = cfg.fold_in_within and cfg.fold_in > 0
+    held_out = range(cfg.epochs - cfg.fold_in) if within else range(cfg.epochs)
+    console.print(f"refit 1 of 2: {len(held_out)} epochs on the training photos, to calibrate the new_whale threshold")
+    own = None if resume else Run(cfg.run_dir).start_files(asdict(cfg))
+    t = train_network(first, spec, resume and is_member_resumable(first), more_files=own, epochs=held_out)
     calibrated = finish(Run(first.run_dir), first, spec, t.learnt, unwrap(t.learn.model), t.data, t.best_epoch, t.best_loss, t.scored, catalogue=False)
     calibrated.pop("run_dir")
     second = (Run(cfg.run_dir) / Run.RESUME).is_file()  # the second run had begun
-    if cfg.fold_in:
+    if within:
+        console.print(f"refit 2 of 2: the same network on every labelled photo, the schedule's last {cfg.fold_in} epoch{'s' if cfg.fold_in > 1 else ''}")
+        stage = replace(cfg, freeze_epochs=0)
+        t = train_network(stage, spec, resume and second, every_photo=True, start_from=t, settings=cfg, epochs=range(held_out.stop, cfg.epochs))
+    elif cfg.fold_in:
         console.print(f"refit 2 of 2: the same network on every labelled photo, {cfg.fold_in} epoch{'s' if cfg.fold_in > 1 else ''} more")
         stage = replace(cfg, epochs=cfg.fold_in, lr=cfg.lr * FOLD_IN_LR, freeze_epochs=0)
         t = train_network(stage, spec, resume and second, every_photo=True, start_from=t, settings=cfg)

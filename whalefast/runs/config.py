@@ -69,6 +69,7 @@ class FitConfig:
     new_whale_share: float = 0.0  # submit moves new_whale's threshold halfway to the quantile of this share of test photos' best scores
     refit: bool = False  # after a run on the training photos has calibrated the threshold, train again on every labelled photo
     fold_in: int = 0  # after a run on the training photos has calibrated the threshold, train its network this many epochs more on every labelled photo
+    fold_in_within: bool = False  # the fold-in epochs are the last fold_in of `epochs`, on its schedule, not more after them
 
     def __post_init__(self):
         self.size = as_size(self.size)
@@ -257,6 +258,10 @@ def check_config(cfg: FitConfig) -> None:
         )
     if cfg.fold_in < 0:
         raise WhalefastError(f"--fold-in must be 0 (none) or more epochs, got {cfg.fold_in}")
+    if cfg.fold_in_within and cfg.fold_in >= cfg.epochs:
+        raise WhalefastError(
+            f"--fold-in-within trains the last --fold-in epochs of the --epochs on every photo, so --fold-in must be under --epochs, got {cfg.fold_in} and {cfg.epochs}"
+        )
     if cfg.mirror_view and (cfg.method != "arcface" or cfg.augment != "fluke"):
         raise WhalefastError(
             "--mirror-view compares mirror images with mirror images: it needs --method arcface and --augment fluke"
@@ -298,7 +303,7 @@ def check_resume(saved: FitConfig, typed: dict) -> None:
 
 def validation_config(cfg: FitConfig) -> FitConfig:
     """The settings of a refit's first run, on the training photos alone: the same, in RUN/validation/."""
-    return replace(cfg, refit=False, fold_in=0, name=VALIDATION_RUN, models_dir=str(cfg.run_dir))
+    return replace(cfg, refit=False, fold_in=0, fold_in_within=False, name=VALIDATION_RUN, models_dir=str(cfg.run_dir))
 
 
 def member_config(cfg: FitConfig, index: int) -> FitConfig:
