@@ -241,7 +241,7 @@ REFIT_HELP = (
 RefitOpt = Annotated[bool, typer.Option(help=REFIT_HELP, rich_help_panel=TRAIN)]
 FOLD_IN_HELP = (
     "After a run on the training photos calibrated the new_whale threshold (kept in NAME/validation/), "
-    "train its network this many epochs more on every labelled photo (0: none)."
+    "train its network this many epochs more on every labelled photo (0: none; with --fold-in-within, the last this many of the --epochs)."
 )
 FoldInOpt = Annotated[int, typer.Option(help=FOLD_IN_HELP, rich_help_panel=TRAIN)]
 FOLD_IN_WITHIN_HELP = (

@@ -285,7 +285,7 @@ FOLD_IN_LR = 0.1
 
 
 def fit_refit(cfg: FitConfig, spec: InputSpec, resume: bool = False) -> dict:
-    """Train on the training photos (RUN/validation/, an ordinary calibrated run), then on every labelled photo: a new network with the same settings (--refit) or the first one for cfg.fold_in epochs more.
+    """Train on the training photos (RUN/validation/, an ordinary calibrated run), then on every labelled photo: a new network with the same settings (--refit), or the first one for cfg.fold_in epochs more (--fold-in) or for the last cfg.fold_in of its schedule's epochs (--fold-in-within, where the first run stops that many early).
 
     The second network is the model: it learns from the held-out photos too (most whales have one or
     two), and keeps the first one's new_whale threshold and validation figures, the only honest ones.
