@@ -123,7 +123,7 @@ def test_the_cli_takes_scales_from_the_recipe_or_as_typed_and_refuses_bad_ones(t
     assert CliRunner().invoke(app, ["fit", "--data", str(tmp_path), "--recipe", "flukes"]).exit_code == 0
     assert CliRunner().invoke(app, ["fit", "--data", str(tmp_path), "--recipe", "flukes", "--tta-scales", "1"]).exit_code == 0
     assert CliRunner().invoke(app, ["fit", "--data", str(tmp_path)]).exit_code == 0
-    assert [cfg.tta_scales for cfg in seen] == [(6 / 7, 1.0, 8 / 7), (1.0,), (1.0,)]
+    assert [cfg.tta_scales for cfg in seen] == [(15 / 14,), (1.0,), (1.0,)]
     result = CliRunner().invoke(app, ["fit", "--data", str(tmp_path), "--tta-scales", "1,big"])
     assert result.exit_code == 1 and "--tta-scales must be comma-separated factors" in result.output and "Traceback" not in result.output
 
