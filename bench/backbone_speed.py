@@ -19,6 +19,7 @@ from torch import nn
 from whalefast.core.allocator import reuse_freed_memory
 from whalefast.core.images import as_size
 from whalefast.nets.registry import build_model, freeze_stages, get_arch
+from whalefast.runs.config import BoxConfig
 
 SETTINGS = [
     # (arch, frozen stages, channels last)
@@ -31,7 +32,7 @@ SETTINGS = [
     ("efficientnet-lite1", 2, True),
     ("efficientnet-lite2", 2, True),
 ]
-BOX_SIZE = 96  # the box model's square input (BoxConfig.size)
+BOX_SIZE = BoxConfig.size  # the box model's square input
 
 
 def make_step(arch: str, frozen: int, channels_last: bool, x: torch.Tensor, outputs: int = 512, frozen_batch_norm: bool = False):

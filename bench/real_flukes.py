@@ -37,7 +37,6 @@ from whalefast.stages.prepare import PrepareConfig, prepare
 from whalefast.stages.submit import submit
 
 METHODS = ("softmax", "arcface")  # each fits the flukes recipe with recipes.method_settings
-BOX_RECIPE = dict(size=96, epochs=4, bs=32, lr=5e-4)
 
 
 def private_copy(source: Path, work: Path) -> Path:
@@ -68,7 +67,7 @@ def run(args) -> pd.DataFrame:
                 boxes=str(write_training_boxes(data / "boxes.csv", data / "train.csv", work / "train_boxes.csv")),
                 models_dir=str(models),
                 name="boxes",
-                **{**BOX_RECIPE, **({"epochs": args.box_epochs} if args.box_epochs else {})},
+                **({"epochs": args.box_epochs} if args.box_epochs else {}),
             )
         )
         box_seconds = time.time() - start
@@ -160,7 +159,7 @@ def main():
     parser.add_argument("--crops", nargs="+", default=["none", "given", "predicted"], choices=["none", "given", "predicted"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--epochs", type=int, help="override the recipes' epochs (quick checks)")
-    parser.add_argument("--box-epochs", type=int, help="override the box model's epochs (BOX_RECIPE)")
+    parser.add_argument("--box-epochs", type=int, help="override the box model's epochs (BoxConfig's default otherwise)")
     parser.add_argument("--size", help="override the recipes' input size, HEIGHTxWIDTH")
     parser.add_argument("--tta-scales", help="override the recipes' test-time scales, e.g. 6/7,1,8/7 (1: none)")
     parser.add_argument("--parts", type=int, help="override the recipes' fit --parts (0: the whole photo only)")

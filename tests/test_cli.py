@@ -1,13 +1,20 @@
 """The CLI: help and version, one-line errors naming the option, recipes merged with typed options, resume and its hint, quiet logs."""
 
+import inspect
+from dataclasses import fields
+from pathlib import Path
+
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from whalefast import __version__
+from whalefast import __version__, cli
 from whalefast.cli import app
 from whalefast.core.errors import WhalefastError
+from whalefast.data.synth import SynthConfig
 from whalefast.learn.trainer import fit
+from whalefast.runs.config import BoxConfig, FitConfig
+from whalefast.stages.prepare import PrepareConfig
 
 runner = CliRunner()
 
@@ -102,6 +109,8 @@ def test_a_diverging_fit_stops_with_one_line_and_leaves_nothing(tiny_data, tmp_p
         (["--map-every", "0"], "--map-every must be at least 1"),
         (["--opt", "rmsprop"], "--opt must be sgd or adam"),
         (["--method", "triplet"], "--method must be softmax or arcface"),
+        (["--margin", "0.5", "--parts", "2"], "--margin, --parts: ArcFace settings, unused by --method softmax"),
+        (["--recipe", "flukes", "--method", "softmax", "--sub-centers", "2"], "--sub-centers: ArcFace settings, unused by --method softmax"),
     ],
 )
 def test_each_bad_option_is_one_line_naming_it(tmp_path, args, message):
@@ -109,6 +118,16 @@ def test_each_bad_option_is_one_line_naming_it(tmp_path, args, message):
     assert result.exit_code == 1, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], result.output
+
+
+def test_arcface_settings_from_a_recipe_or_at_their_defaults_pass_with_softmax(tmp_path):
+    """Only a typed ArcFace setting that would change something is refused: the recipe's margin and a typed --no-mirror-view are harmless."""
+    typed = {"recipe": "flukes", "method": "softmax", "mirror_view": False, "margin": 0.3}
+    cfg = FitConfig.from_options({"data": str(tmp_path), **typed}, typed=set(typed))
+    assert (cfg.method, cfg.margin, cfg.parts, cfg.mirror_view) == ("softmax", 0.3, 2, False)
+    with pytest.raises(WhalefastError, match="--margin: ArcFace settings"):
+        FitConfig.from_options({"data": str(tmp_path), "margin": 0.5}, typed={"margin"})
+    assert FitConfig.from_options({"data": str(tmp_path), "margin": 0.5}).margin == 0.5  # a whole config from code: nobody typed it
 
 
 @pytest.mark.slow
@@ -133,6 +152,27 @@ def test_an_interrupted_fit_says_how_to_continue_and_resume_refuses_other_option
     resumed = runner.invoke(app, ["fit", "--name", "run", "--models-dir", str(tmp_path), "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert pd.read_csv(tmp_path / "run" / "history.csv").epoch.tolist() == [0, 1]
+
+
+def option_defaults(command) -> dict:
+    """Each option of `command` with its default, paths as text (as the configs hold them)."""
+    params = inspect.signature(command).parameters.values()
+    return {p.name: str(p.default) if isinstance(p.default, Path) else p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+@pytest.mark.parametrize("command, config", [(cli.synth, SynthConfig), (cli.prepare, PrepareConfig), (cli.boxes_fit, BoxConfig)])
+def test_a_commands_defaults_are_its_configs(command, config):
+    """The CLI cannot import the configs (they load numpy), so it repeats their defaults: this keeps the two the same."""
+    defaults = option_defaults(command)
+    shared = {f.name: f.default for f in fields(config) if f.name in defaults}
+    assert len(shared) >= 4
+    assert {name: defaults[name] for name in shared} == shared
+
+
+def test_fit_and_lr_find_defaults_are_fit_configs(tmp_path):
+    """Left to its defaults, fit's options make FitConfig's own defaults (its text options parsed as the CLI takes them)."""
+    defaults = option_defaults(cli.training_options) | {"data": str(tmp_path)}  # no prepared data: min_samples falls to the config's
+    assert FitConfig.from_options(defaults, typed=set()) == FitConfig(data=str(tmp_path))
 
 
 def test_help_shows_defaults_and_whole_arch_names():

@@ -592,7 +592,19 @@ def boxes_fit(
     from whalefast.runs.config import BoxConfig
 
     cfg = BoxConfig(
-        str(data), str(boxes), arch, size, epochs, bs, lr, valid_pct, seed, pretrained, name, str(models_dir), prepared=str(prepared) if prepared else None
+        data=str(data),
+        boxes=str(boxes),
+        arch=arch,
+        size=size,
+        epochs=epochs,
+        bs=bs,
+        lr=lr,
+        valid_pct=valid_pct,
+        seed=seed,
+        pretrained=pretrained,
+        name=name,
+        models_dir=str(models_dir),
+        prepared=str(prepared) if prepared else None,
     )
     r = _run(fit_boxes, cfg)
     results.print(

@@ -19,6 +19,8 @@ from whalefast.runs.recipes import recipe
 
 METHODS = ("softmax", "arcface")
 MEMBERS_DIR = "members"
+# Settings of ArcFace's embeddings and catalogue: a softmax fit has neither, so typing them for one is refused.
+ARCFACE_ONLY = ("embed_dim", "margin", "margin_power", "margin_floor", "scale", "sub_centers", "parts", "catalogue_dims", "mirror_view")
 VALIDATION_RUN = "validation"  # fit --refit: the run on the training photos alone that chose the threshold, inside the model's folder
 
 
@@ -101,14 +103,20 @@ class FitConfig:
         `typed` names the options the user gave (the CLI's others hold defaults, which the recipe
         beats); by default all of `options`. Text is parsed as the CLI takes it ("16,19", "128x256",
         "6/7,1,8/7"); the name defaults to the recipe's (the arch's for the reference), min_samples to
-        prepare's --min-samples.
+        prepare's --min-samples. Where `typed` is given, an ArcFace setting typed for another method is
+        refused (a recipe's are harmless there).
         """
         unknown = sorted(set(options) - set(cls.__dataclass_fields__))
         if unknown:
             raise WhalefastError(f"unknown fit settings: {', '.join(unknown)}")
+        person_typed = typed is not None
         typed = set(options) if typed is None else set(typed)
         chosen = recipe(options.get("recipe", "reference"))
         merged = {**{k: v for k, v in options.items() if k not in typed}, **chosen, **{k: v for k, v in options.items() if k in typed}}
+        method = merged.get("method", cls.method)
+        unused = [f"--{k.replace('_', '-')}" for k in ARCFACE_ONLY if person_typed and k in typed and merged.get(k, getattr(cls, k)) != getattr(cls, k)]
+        if unused and method != "arcface":
+            raise WhalefastError(f"{', '.join(unused)}: ArcFace settings, unused by --method {method}; drop them or use --method arcface")
         if isinstance(merged.get("milestones"), str):
             text = merged["milestones"].strip()
             try:
