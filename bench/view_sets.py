@@ -53,11 +53,16 @@ def copy_run(source: Run, target: Path, spec: InputSpec) -> Run:
     return Run(target)
 
 
+def folder_name(text: str) -> str:
+    """The folder under WORK/views of the view set `text`."""
+    return text.replace(",", "_").replace("/", "-").replace("+", "_")
+
+
 def score_view_set(model: Run, data: Path, work: Path, text: str) -> dict:
     """Calibrate, catalogue and submit `model` (a finished fold-in run) with the view set `text` in work/NAME; the figures and seconds."""
     first = Run(model / VALIDATION_RUN)
     spec = view_spec(model.spec, text)
-    name = text.replace(",", "_").replace("/", "-").replace("+", "_")
+    name = folder_name(text)
     copy = copy_run(model, work / name / "models" / model.name, spec)
     copy_first = copy_run(first, copy / VALIDATION_RUN, spec)
     cfg_first, cfg = first.settings, model.settings
@@ -104,6 +109,9 @@ def main() -> None:
     if not (model / VALIDATION_RUN).is_dir():
         parser.error(f"{model.path}: not a fold-in run (no {VALIDATION_RUN}/); these views are scored as fit --fold-in calibrates")
     out = args.work / "views"
+    earlier = [str(out / folder_name(text)) for text in args.sets if (out / folder_name(text)).exists()]
+    if earlier:
+        parser.error(f"views already scored in {', '.join(earlier)}: remove those folders, or choose other --sets")
     rows = []
     for text in args.sets:
         rows.append(score_view_set(model, args.work / "data", out, text))
