@@ -287,7 +287,10 @@ def test_a_fit_killed_before_its_weights_leaves_a_folder_marked_unfinished(tiny_
         (["fit", "--size", "100000"], "--size must be at most 2048 pixels each way"),
         (["fit", "--method", "arcface", "--embed-dim", "100000000"], "--embed-dim must be at most 8192, got 100000000"),
         (["fit", "--seed", "-1"], "--seed must lie in 0.."),
-        (["fit", "--method", "arcface", "--parts", "5", "--size", "32x64"], "--parts must be at most 4 at --size 32x64: whale-resnet's feature map is 4x8 cells, got 5"),
+        (
+            ["fit", "--method", "arcface", "--parts", "5", "--size", "32x64"],
+            "--parts must be at most 4 at --size 32x64: whale-resnet's feature map is 4x8 cells, got 5",
+        ),
         (["fit", "--bs", "5000", "--size", "32"], "--bs 5000 is more than the"),
         (["boxes", "fit", "--boxes", "BOXES", "--bs", "0"], "--bs must be at least 1, got 0"),
         (["boxes", "fit", "--boxes", "BOXES", "--seed", "-1"], "--seed must lie in 0.."),
