@@ -58,10 +58,9 @@ def folder_name(text: str) -> str:
     return text.replace(",", "_").replace("/", "-").replace("+", "_")
 
 
-def score_view_set(model: Run, data: Path, work: Path, text: str) -> dict:
-    """Calibrate, catalogue and submit `model` (a finished fold-in run) with the view set `text` in work/NAME; the figures and seconds."""
+def score_view_set(model: Run, data: Path, work: Path, text: str, spec: InputSpec) -> dict:
+    """Calibrate, catalogue and submit `model` (a finished fold-in run) with the view set `text` (its spec `spec`) in work/NAME; the figures and seconds."""
     first = Run(model / VALIDATION_RUN)
-    spec = view_spec(model.spec, text)
     name = folder_name(text)
     copy = copy_run(model, work / name / "models" / model.name, spec)
     copy_first = copy_run(first, copy / VALIDATION_RUN, spec)
@@ -108,13 +107,14 @@ def main() -> None:
     model = Run.open(args.work / "models" / args.run)
     if not (model / VALIDATION_RUN).is_dir():
         parser.error(f"{model.path}: not a fold-in run (no {VALIDATION_RUN}/); these views are scored as fit --fold-in calibrates")
+    specs = {text: view_spec(model.spec, text) for text in args.sets}  # a bad set stops before any work
     out = args.work / "views"
     earlier = [str(out / folder_name(text)) for text in args.sets if (out / folder_name(text)).exists()]
     if earlier:
         parser.error(f"views already scored in {', '.join(earlier)}: remove those folders, or choose other --sets")
     rows = []
-    for text in args.sets:
-        rows.append(score_view_set(model, args.work / "data", out, text))
+    for text, spec in specs.items():
+        rows.append(score_view_set(model, args.work / "data", out, text, spec))
         print(json.dumps(rows[-1]), flush=True)
     table = pd.DataFrame(rows)
     print(table.to_string(index=False))

@@ -114,9 +114,10 @@ class FitConfig:
         chosen = recipe(options.get("recipe", "reference"))
         merged = {**{k: v for k, v in options.items() if k not in typed}, **chosen, **{k: v for k, v in options.items() if k in typed}}
         method = merged.get("method", cls.method)
-        unused = [f"--{k.replace('_', '-')}" for k in ARCFACE_ONLY if person_typed and k in typed and merged.get(k, getattr(cls, k)) != getattr(cls, k)]
-        if unused and method != "arcface":
-            raise WhalefastError(f"{', '.join(unused)}: ArcFace settings, unused by --method {method}; drop them or use --method arcface")
+        if person_typed and method != "arcface":
+            unused = [f"--{k.replace('_', '-')}" for k in ARCFACE_ONLY if k in typed and merged[k] != getattr(cls, k)]
+            if unused:
+                raise WhalefastError(f"{', '.join(unused)}: ArcFace settings, unused by --method {method}; drop them or use --method arcface")
         if isinstance(merged.get("milestones"), str):
             text = merged["milestones"].strip()
             try:
